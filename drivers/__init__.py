@@ -1,0 +1,1 @@
+"""Sensor drivers: each is an async source of stamped samples (see `drivers.base.Driver`)."""

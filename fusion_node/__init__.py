@@ -1,0 +1,3 @@
+"""fusion-node: a real-time sensor fusion daemon for robots."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,38 @@
+"""The project's one error hierarchy: every error names the thing and the bad value."""
+
+
+class FusionError(Exception):
+    """Base of every error fusion-node raises on purpose."""
+
+
+class ConfigError(FusionError):
+    """A launch file or engine setting is invalid."""
+
+
+class ProtocolError(FusionError):
+    """A wire message is malformed; `reason` is a short stable key for counters."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class DriverError(FusionError):
+    """A sensor driver cannot open, read or stamp its device."""
+
+
+class EngineError(FusionError):
+    """A model cannot be loaded or run."""
+
+
+class MissingStreamError(FusionError):
+    """A required stream has no usable data for a window."""
+
+    def __init__(self, stream: str, reason: str) -> None:
+        super().__init__(f"stream {stream!r} missing: {reason}")
+        self.stream = stream
+        self.reason = reason
+
+
+class EndOfStream(FusionError):
+    """A finite source (a file, a log) has no more samples."""

@@ -1,0 +1,36 @@
+"""Run one driver and publish its samples on ZeroMQ (the body of `python -m drivers`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from drivers.base import Driver
+from fusion_node.errors import DriverError, EndOfStream
+from fusion_node.transport import Publisher
+
+DISCONNECT_TIMEOUT_S = 3.0
+
+
+async def publish_driver(driver: Driver, publisher: Publisher) -> int:
+    """Connect `driver`, send every sample on `publisher` until the source ends, disconnect.
+
+    Returns the number of samples sent. Cancelling it (how a shutdown stops it) still
+    disconnects the driver, within `DISCONNECT_TIMEOUT_S`, and then re-raises.
+    """
+    sent = 0
+    try:
+        await driver.connect()
+        while True:
+            try:
+                sample = await driver.recv()
+            except EndOfStream:
+                return sent
+            publisher.send(sample)
+            sent += 1
+    finally:
+        try:
+            async with asyncio.timeout(DISCONNECT_TIMEOUT_S):
+                await driver.disconnect()
+        except TimeoutError:
+            raise DriverError(f"driver for stream {driver.stream!r} did not disconnect "
+                              f"within {DISCONNECT_TIMEOUT_S} s") from None

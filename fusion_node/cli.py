@@ -1,0 +1,166 @@
+"""`fusion-node` command line. Signals and exit codes live here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any, Iterator
+
+from fusion_node.errors import FusionError
+
+
+@contextlib.contextmanager
+def _stop_on_signals(loop: asyncio.AbstractEventLoop,
+                     stop: asyncio.Event) -> Iterator[None]:
+    """First SIGINT/SIGTERM stops gracefully; a second one exits at once."""
+
+    def handle(signum: int) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)
+        logging.getLogger("fusion_node").info("%s: shutting down",
+                                              signal.Signals(signum).name)
+        stop.set()
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, handle, signum)
+    try:
+        yield
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+async def _run_node(args: argparse.Namespace) -> None:
+    from fusion_node.config import load_config
+    from fusion_node.node import Node
+
+    config = load_config(args.config)
+    if args.pub:
+        config = dataclasses.replace(config, pub=args.pub)
+    node = Node(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with _stop_on_signals(loop, stop):
+        if args.duration is not None:
+            loop.call_later(args.duration, stop.set)
+        await node.run(stop)
+    print(json.dumps(node.health()["engines"]), file=sys.stderr)
+
+
+def _jsonable(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        if value.size <= 4096:
+            return value.tolist()
+        return {"dtype": value.dtype.name, "shape": list(value.shape)}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _echo(args: argparse.Namespace) -> None:
+    import zmq
+
+    from fusion_node.clock import MonotonicClock
+    from fusion_node.transport import Subscriber
+
+    context = zmq.Context()
+    subscriber = Subscriber(context, [args.endpoint], MonotonicClock(), topics=[args.topic])
+    received = 0
+    try:
+        while args.count is None or received < args.count:
+            msg = subscriber.recv(timeout_ms=int(args.timeout * 1000))
+            if msg is None:
+                raise FusionError(f"no message on {args.topic!r} from {args.endpoint} within "
+                                  f"{args.timeout} s")
+            received += 1
+            record = {"type": type(msg).__name__.lower(),
+                      **_jsonable({f.name: getattr(msg, f.name)
+                                   for f in dataclasses.fields(msg)})}
+            if args.json:
+                print(json.dumps(record), flush=True)
+            else:
+                summary = {k: v for k, v in record.items() if not isinstance(v, (list, dict))}
+                print(" ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+    finally:
+        subscriber.close()
+        context.term()
+
+
+def _bench(args: argparse.Namespace) -> None:
+    if args.what == "transport":
+        from fusion_node.bench_transport import run_transport_bench
+
+        result = run_transport_bench(count=args.count)
+    else:
+        from fusion_node.bench_pipeline import run_pipeline_bench
+
+        result = run_pipeline_bench(duration_s=args.duration)
+    print(json.dumps(result, indent=None if args.json else 2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusion-node", description="Real-time sensor fusion: sensors in, "
+        "fixed-latency predictions out.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run drivers, engines and the publisher")
+    run.add_argument("--config", help="launch file (TOML); default: the embedded simulated "
+                     "robot")
+    run.add_argument("--duration", type=float, help="stop after this many seconds")
+    run.add_argument("--pub", help="endpoint for pred.* and node.health "
+                     "(default tcp://127.0.0.1:5599)")
+
+    echo = commands.add_parser("echo", help="print decoded messages from a topic")
+    echo.add_argument("topic", help="topic or topic prefix, e.g. pred.speech")
+    echo.add_argument("--endpoint", default="tcp://127.0.0.1:5599")
+    echo.add_argument("--count", type=int, help="exit after this many messages")
+    echo.add_argument("--json", action="store_true", help="one JSON object per line")
+    echo.add_argument("--timeout", type=float, default=10.0,
+                      help="fail if no message arrives for this many seconds")
+
+    bench = commands.add_parser("bench", help="measure transport or pipeline performance")
+    bench.add_argument("what", choices=("transport", "pipeline"))
+    bench.add_argument("--json", action="store_true", help="one-line JSON")
+    bench.add_argument("--count", type=int, default=2000, help="messages per kind (transport)")
+    bench.add_argument("--duration", type=float, default=20.0, help="seconds (pipeline)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            asyncio.run(_run_node(args))
+        elif args.command == "echo":
+            _echo(args)
+        else:
+            _bench(args)
+    except FusionError as exc:
+        print(f"fusion-node: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `fusion-node echo ... | head` closing the pipe is a normal way to stop.
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Launch files: TOML data describing drivers, engines, rates, latencies and endpoints.
+
+Durations are written in `_ms` / `_s` and converted to integer ns here, once.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fusion_node.errors import ConfigError
+
+DEFAULT_PUB = "tcp://127.0.0.1:5599"
+# Per-kind ring sizes: about 2 s of each default stream, and ~60 MB of 640x480 frames.
+DEFAULT_CAPACITY = {"frame": 64, "audio": 256, "joints": 512, "prediction": 64}
+DRIVER_KIND_TO_SAMPLE = {
+    "camera": "frame", "sim_camera": "frame",
+    "microphone": "audio", "wav": "audio", "sim_microphone": "audio",
+    "joints_zmq": "joints", "sim_joints": "joints",
+}
+BINDINGS = ("speech", "action")
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    kind: str
+    stream: str
+    process: bool
+    endpoint: str | None
+    config: dict[str, Any]
+    capacity: int
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """A stream published by something that already speaks the protocol (a robot
+    controller, another node): no driver, the node subscribes to it directly."""
+
+    name: str
+    kind: str
+    capacity: int
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: str
+    binding: str
+    model: str
+    topic: str
+    rate_hz: float
+    latency_ns: int
+    align_delay_ns: int
+    inputs: dict[str, str]
+    params: dict[str, Any]
+    intra_op_threads: int
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    pub: str
+    run_dir: str | None
+    health_period_ns: int
+    startup_timeout_ns: int
+    drivers: tuple[DriverConfig, ...]
+    engines: tuple[EngineConfig, ...]
+    connect: tuple[str, ...] = ()
+    streams: tuple[StreamConfig, ...] = ()
+
+    def capacities(self) -> dict[str, int]:
+        capacities = {d.stream: d.capacity for d in self.drivers}
+        capacities.update({s.name: s.capacity for s in self.streams})
+        capacities.update({e.topic: DEFAULT_CAPACITY["prediction"] for e in self.engines})
+        return capacities
+
+
+class _Table:
+    """A TOML table read once: every key must be used, so typos are errors, not defaults."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where} must be a table, got {data!r}")
+        self._data = dict(data)
+        self._where = where
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if key not in self._data:
+            if default is ...:
+                raise ConfigError(f"{self._where}: missing required key {key!r}")
+            return default
+        value = self._data.pop(key)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+            raise ConfigError(f"{self._where}.{key} = {value!r} is not a "
+                              f"{getattr(kind, '__name__', kind)}")
+        return value
+
+    def ms(self, key: str, default: float) -> int:
+        return int(round(self.get(key, float, default) * 1_000_000))
+
+    def done(self) -> None:
+        if self._data:
+            raise ConfigError(f"{self._where}: unknown key(s) {sorted(self._data)}")
+
+
+def _driver(data: Any, index: int) -> DriverConfig:
+    table = _Table(data, f"drivers[{index}]")
+    kind = table.get("kind", str)
+    if kind not in DRIVER_KIND_TO_SAMPLE:
+        raise ConfigError(f"drivers[{index}].kind = {kind!r} is not one of "
+                          f"{sorted(DRIVER_KIND_TO_SAMPLE)}")
+    stream = table.get("stream", str)
+    driver = DriverConfig(
+        kind=kind, stream=stream, process=table.get("process", bool, True),
+        endpoint=table.get("endpoint", str, None), config=table.get("config", dict, {}),
+        capacity=table.get("buffer_capacity", int,
+                           DEFAULT_CAPACITY[DRIVER_KIND_TO_SAMPLE[kind]]))
+    table.done()
+    return driver
+
+
+def _stream(data: Any, index: int) -> StreamConfig:
+    table = _Table(data, f"streams[{index}]")
+    kind = table.get("kind", str)
+    if kind not in DEFAULT_CAPACITY:
+        raise ConfigError(f"streams[{index}].kind = {kind!r} is not one of "
+                          f"{sorted(DEFAULT_CAPACITY)}")
+    stream = StreamConfig(table.get("name", str), kind,
+                          table.get("buffer_capacity", int, DEFAULT_CAPACITY[kind]))
+    table.done()
+    return stream
+
+
+def _engine(data: Any, index: int) -> EngineConfig:
+    table = _Table(data, f"engines[{index}]")
+    name = table.get("name", str)
+    where = f"engine {name!r}"
+    binding = table.get("binding", str)
+    if binding not in BINDINGS:
+        raise ConfigError(f"{where}: binding {binding!r} is not one of {BINDINGS}")
+    engine = EngineConfig(
+        name=name, binding=binding, model=table.get("model", str),
+        topic=table.get("topic", str), rate_hz=table.get("rate_hz", float),
+        latency_ns=table.ms("latency_ms", ...), align_delay_ns=table.ms("align_delay_ms", ...),
+        inputs=table.get("inputs", dict), params=table.get("params", dict, {}),
+        intra_op_threads=table.get("intra_op_threads", int, 1))
+    table.done()
+    if engine.rate_hz <= 0:
+        raise ConfigError(f"{where}: rate_hz {engine.rate_hz} must be positive")
+    if not 0 <= engine.align_delay_ns < engine.latency_ns:
+        raise ConfigError(f"{where}: align_delay_ms must be at least 0 and below latency_ms")
+    return engine
+
+
+def parse_config(text: str, source: str) -> NodeConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({exc})") from None
+    root = _Table(data, source)
+    node = _Table(root.get("node", dict, {}), "node")
+    drivers = tuple(_driver(d, i) for i, d in enumerate(root.get("drivers", list, [])))
+    engines = tuple(_engine(e, i) for i, e in enumerate(root.get("engines", list, [])))
+    external = tuple(_stream(s, i) for i, s in enumerate(root.get("streams", list, [])))
+    connect = node.get("connect", list, [])
+    if not all(isinstance(e, str) for e in connect):
+        raise ConfigError(f"node.connect = {connect!r} must be a list of endpoint strings")
+    config = NodeConfig(
+        pub=node.get("pub", str, DEFAULT_PUB), run_dir=node.get("run_dir", str, None),
+        health_period_ns=node.ms("health_period_ms", 1000.0),
+        startup_timeout_ns=node.ms("startup_timeout_ms", 10_000.0),
+        drivers=drivers, engines=engines, connect=tuple(connect), streams=external)
+    node.done()
+    root.done()
+    streams = ([d.stream for d in drivers] + [e.topic for e in engines]
+               + [s.name for s in external])
+    duplicated = {s for s in streams if streams.count(s) > 1}
+    if duplicated:
+        raise ConfigError(f"{source}: stream(s) {sorted(duplicated)} defined more than once")
+    known = set(config.capacities())
+    for engine in engines:
+        for role, stream in engine.inputs.items():
+            if stream not in known:
+                raise ConfigError(f"engine {engine.name!r}: input {role} = {stream!r} is not a "
+                                  f"configured stream ({sorted(known)})")
+    return config
+
+
+def load_config(path: str | Path | None = None) -> NodeConfig:
+    """Read a launch file; without a path, the embedded default (simulated sensors)."""
+    if path is None:
+        text = resources.files("fusion_node").joinpath("default.toml").read_text()
+        return parse_config(text, "embedded default")
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read launch file {str(path)!r}: {exc.strerror}") from None
+    return parse_config(text, str(path))

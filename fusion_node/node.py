@@ -1,0 +1,281 @@
+"""The node: wires drivers → alignment buffer → engines → deadline publisher from a config.
+
+Threads, each with one job: a receiver (blocking ZeroMQ receive, faster than zmq.asyncio on
+the hot path) pushing into the buffer; one runner per engine; the deadline publisher, sole
+owner of the output socket. The event loop starts and supervises them, runs in-process
+drivers, and publishes `node.health`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import sys
+import tempfile
+import threading
+from dataclasses import asdict
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from fusion_node.alignment import AlignmentBuffer
+from fusion_node.bindings import ActionBinding, SpeechBinding
+from fusion_node.clock import Clock, MonotonicClock
+from fusion_node.config import EngineConfig, NodeConfig
+from fusion_node.errors import ConfigError, EndOfStream, FusionError
+from fusion_node.protocol import Health, Prediction
+from fusion_node.scheduling import Binding, DeadlinePublisher, EngineRunner
+from fusion_node.transport import Publisher, Subscriber
+
+log = logging.getLogger(__name__)
+
+HEALTH_TOPIC = "node.health"
+# A Python thread waiting for the GIL gets it after at most this long; the default 5 ms
+# would let a busy preprocessing thread delay a publish by up to 5 ms.
+_SWITCH_INTERVAL_S = 0.0002
+_DRIVER_STOP_TIMEOUT_S = 3.0
+_THREAD_JOIN_TIMEOUT_S = 2.0
+
+
+def model_path(model: str) -> Path:
+    """A reference model by name ("speech", "action") or a path to an ONNX file."""
+    if model.endswith(".onnx") or "/" in model:
+        return Path(model)
+    return Path(str(resources.files("engines").joinpath("models", f"{model}.onnx")))
+
+
+def make_binding(engine: EngineConfig, config: NodeConfig) -> Binding:
+    inputs = engine.inputs
+    try:
+        if engine.binding == "speech":
+            roi = tuple(engine.params.get("mouth_roi", ()))
+            if len(roi) != 4 or not all(isinstance(v, int) for v in roi):
+                raise ConfigError(f"engine {engine.name!r}: params.mouth_roi must be "
+                                  f"[x, y, w, h] ints, got {engine.params.get('mouth_roi')!r}")
+            return SpeechBinding(inputs["audio"], inputs["video"], roi)  # type: ignore[arg-type]
+        producer = next((e for e in config.engines if e.topic == inputs["command"]), None)
+        if producer is None:
+            raise ConfigError(f"engine {engine.name!r}: command input {inputs['command']!r} is "
+                              "not the topic of a configured engine")
+        # Choose the speech prediction by declared latency, not by when it happened to
+        # arrive, so the choice is the same in a replay.
+        delay_ns = max(0, producer.latency_ns - engine.align_delay_ns)
+        return ActionBinding(inputs["image"], inputs["joints"], inputs["command"], delay_ns)
+    except KeyError as exc:
+        raise ConfigError(f"engine {engine.name!r}: binding {engine.binding!r} needs input "
+                          f"{exc.args[0]!r}") from None
+
+
+class Node:
+    def __init__(self, config: NodeConfig, clock: Clock | None = None,
+                 context: zmq.Context | None = None) -> None:
+        self.config = config
+        self.clock = clock or MonotonicClock()
+        self._context = context or zmq.Context()
+        self._owns_context = context is None
+        self.buffer = AlignmentBuffer(config.capacities())
+        self.runners: list[EngineRunner] = []
+        self.publisher: DeadlinePublisher | None = None
+        self.subscriber: Subscriber | None = None
+        self.pub_endpoint = config.pub
+        self.driver_processes: dict[str, asyncio.subprocess.Process] = {}
+        self.driver_errors: dict[str, str] = {}
+        self._receiving = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._started_ns = 0
+        self._last_health: tuple[int, dict[str, int]] = (0, {})
+        self._health_seq = 0
+        self.ready = asyncio.Event()
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def _load_engines(self, publisher: DeadlinePublisher) -> None:
+        from engines.onnxruntime_backend import OnnxRuntimeEngine
+
+        for engine_config in self.config.engines:
+            engine = OnnxRuntimeEngine(model_path(engine_config.model), name=engine_config.name,
+                                       intra_op_threads=engine_config.intra_op_threads)
+            engine.warm_up()
+            self.runners.append(EngineRunner(
+                name=engine_config.name, topic=engine_config.topic, engine=engine,
+                binding=make_binding(engine_config, self.config),
+                rate_hz=engine_config.rate_hz, latency_ns=engine_config.latency_ns,
+                align_delay_ns=engine_config.align_delay_ns, clock=self.clock,
+                buffer=self.buffer, publisher=publisher))
+
+    async def _start_driver_processes(self, run_dir: Path) -> list[str]:
+        endpoints = []
+        for driver in self.config.drivers:
+            if not driver.process:
+                continue
+            endpoint = driver.endpoint or f"ipc://{run_dir}/{driver.stream}.ipc"
+            self.driver_processes[driver.stream] = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "drivers", "--kind", driver.kind, "--stream",
+                driver.stream, "--endpoint", endpoint, "--config", json.dumps(driver.config))
+            endpoints.append(endpoint)
+        return endpoints
+
+    async def _run_in_process_driver(self, kind: str, stream: str,
+                                     driver_config: dict[str, Any]) -> None:
+        from drivers.registry import create_driver
+
+        driver = create_driver(kind, stream, driver_config, self.clock)
+        await driver.connect()
+        try:
+            while True:
+                sample = await driver.recv()
+                sample.t_receive_ns = self.clock.now_ns()
+                self.buffer.push(sample)
+        except EndOfStream:
+            log.info("driver %s reached the end of its source", stream)
+        except FusionError as exc:
+            self.driver_errors[stream] = str(exc)
+            log.error("driver %s failed: %s", stream, exc)
+        finally:
+            await driver.disconnect()
+
+    def _receive_blocking(self, subscriber: Subscriber) -> None:
+        while self._receiving.is_set():
+            msg = subscriber.recv(timeout_ms=50)
+            if msg is not None:
+                self.buffer.push(msg)
+
+    def _start_thread(self, name: str, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    async def _wait_for_streams(self) -> None:
+        deadline = self.clock.now_ns() + self.config.startup_timeout_ns
+        streams = [d.stream for d in self.config.drivers]
+        while self.clock.now_ns() < deadline:
+            if all(self.buffer.stats[s].received for s in streams):
+                return
+            await asyncio.sleep(0.01)
+        silent = [s for s in streams if not self.buffer.stats[s].received]
+        log.warning("no samples yet from %s; starting engines anyway", silent)
+
+    # -- main -------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start everything, run until `stop` is set, then shut down cleanly."""
+        previous_interval = sys.getswitchinterval()
+        sys.setswitchinterval(_SWITCH_INTERVAL_S)
+        self._started_ns = self.clock.now_ns()
+        run_dir_tmp = None
+        if self.config.run_dir:
+            run_dir = Path(self.config.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir_tmp = tempfile.TemporaryDirectory(prefix="fusion-node-")
+            run_dir = Path(run_dir_tmp.name)
+        output = Publisher(self._context, self.config.pub)
+        self.pub_endpoint = output.endpoint
+        publisher = DeadlinePublisher(output.send_parts, self.clock,
+                                      on_published=self._on_published)
+        self.publisher = publisher
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._load_engines(publisher)
+                endpoints = await self._start_driver_processes(run_dir)
+                endpoints += self.config.connect
+                self.subscriber = Subscriber(self._context, endpoints, self.clock)
+                self._receiving.set()
+                self._start_thread("receiver", self._receive_blocking, self.subscriber)
+                background = [
+                    tasks.create_task(self._run_in_process_driver(d.kind, d.stream, d.config),
+                                      name=f"driver {d.stream}")
+                    for d in self.config.drivers if not d.process]
+                self._start_thread("publisher", publisher.run_blocking)
+                await self._wait_for_streams()
+                for runner in self.runners:
+                    self._start_thread(f"engine {runner.name}", runner.run_blocking)
+                background.append(tasks.create_task(self._publish_health(), name="health"))
+                self.ready.set()
+                await stop.wait()
+                for task in background:
+                    task.cancel()
+        finally:
+            self._receiving.clear()
+            for runner in self.runners:
+                runner.stop()
+            publisher.stop()
+            for thread in self._threads:
+                thread.join(_THREAD_JOIN_TIMEOUT_S)
+            await self._stop_driver_processes()
+            if self.subscriber is not None:
+                self.subscriber.close()
+            output.close()
+            if self._owns_context:
+                self._context.term()
+            if run_dir_tmp is not None:
+                run_dir_tmp.cleanup()
+            sys.setswitchinterval(previous_interval)
+
+    async def _stop_driver_processes(self) -> None:
+        for stream, process in self.driver_processes.items():
+            if process.returncode is None:
+                process.terminate()
+        for stream, process in self.driver_processes.items():
+            try:
+                await asyncio.wait_for(process.wait(), _DRIVER_STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("driver %s ignored SIGTERM; killing it", stream)
+                process.kill()
+                await process.wait()
+
+    def _on_published(self, prediction: Prediction) -> None:
+        # Other engines (the action engine's command input) read predictions from the buffer.
+        prediction.t_receive_ns = prediction.t_publish_ns
+        self.buffer.push(prediction)
+
+    # -- health -----------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """Per-stream rates and drops, per-engine latencies and deadline misses."""
+        now = self.clock.now_ns()
+        last_ns, last_counts = self._last_health
+        elapsed_s = (now - last_ns) / 1e9 if last_ns else 0.0
+        streams = {}
+        for stream, stats in self.buffer.stats.items():
+            entry = asdict(stats)
+            previous = last_counts.get(stream, 0)
+            entry["rate_hz"] = round((stats.received - previous) / elapsed_s, 2) \
+                if elapsed_s else 0.0
+            entry["age_ms"] = round((now - stats.last_capture_ns) / 1e6, 3) \
+                if stats.last_capture_ns else None
+            streams[stream] = entry
+        self._last_health = (now, {s: st.received for s, st in self.buffer.stats.items()})
+        drivers = {}
+        for stream, process in self.driver_processes.items():
+            drivers[stream] = {"pid": process.pid, "running": process.returncode is None,
+                               "exit_code": process.returncode}
+        for stream, error in self.driver_errors.items():
+            drivers.setdefault(stream, {})["error"] = error
+        subscriber = self.subscriber
+        publisher = self.publisher
+        return {
+            "uptime_s": round((now - self._started_ns) / 1e9, 3),
+            "streams": streams,
+            "rejected": dict(subscriber.rejected) if subscriber else {},
+            "last_rejection": subscriber.last_error if subscriber else "",
+            "unknown_streams": dict(self.buffer.unknown_streams),
+            "engines": {r.name: r.stats.summary() for r in self.runners},
+            "publish_jitter": publisher.jitter_ns.summary() if publisher else {},
+            "drivers": drivers,
+            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+
+    async def _publish_health(self) -> None:
+        assert self.publisher is not None
+        period_s = self.config.health_period_ns / 1e9
+        while True:
+            await asyncio.sleep(period_s)
+            now = self.clock.now_ns()
+            self.publisher.schedule(Health(HEALTH_TOPIC, self._health_seq, now, self.health()),
+                                    now)
+            self._health_seq += 1

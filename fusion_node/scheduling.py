@@ -1,0 +1,250 @@
+"""Fixed-rate engine ticks and fixed-latency publication on absolute deadlines.
+
+Each engine has a tick grid t_ref = k · period on the node clock (absolute, so replays and
+restarts land on the same grid) and a declared latency L. Its runner thread assembles the
+window at t_ref + align_delay, runs inference, and hands the prediction to the one
+`DeadlinePublisher`, which sends it at exactly t_ref + L: finishing early means waiting, so a
+control loop sees a constant delay. Finishing after the deadline publishes at once with
+`late = true` and counts a deadline miss.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import itertools
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from fusion_node.alignment import AlignmentBuffer, InputSpec, Window
+from fusion_node.clock import Clock
+from fusion_node.errors import FusionError
+from fusion_node.protocol import Message, Prediction, encode
+
+log = logging.getLogger(__name__)
+
+# The publisher wakes this long before a deadline and sleeps precisely for the rest;
+# a prediction scheduled inside this margin for an earlier deadline waits its turn.
+_WAKE_MARGIN_NS = 1_000_000
+# Bounded poll so a replay clock (whose time is not wall time) is re-checked often.
+_MAX_WAIT_S = 0.005
+
+
+class Engine(Protocol):
+    name: str
+    model_hash: str
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Binding(Protocol):
+    """Maps windows to model feeds and model outputs to prediction fields."""
+
+    spec: tuple[InputSpec, ...]
+
+    def feeds(self, window: Window) -> dict[str, np.ndarray]: ...
+
+    def decode(self, outputs: dict[str, np.ndarray],
+               window: Window) -> tuple[dict[str, Any], dict[str, np.ndarray]]: ...
+
+
+class LatencyStats:
+    """The most recent `size` values (ns) and their percentiles in ms."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._values: deque[int] = deque(maxlen=size)
+
+    def add(self, value_ns: int) -> None:
+        self._values.append(value_ns)
+
+    def summary(self) -> dict[str, float]:
+        if not self._values:
+            return {"count": 0}
+        values = np.fromiter(self._values, np.int64) / 1e6
+        p50, p99 = np.percentile(values, [50, 99])
+        return {"count": len(values), "p50_ms": round(float(p50), 4),
+                "p99_ms": round(float(p99), 4), "max_ms": round(float(values.max()), 4)}
+
+
+@dataclass
+class EngineStats:
+    ticks: int = 0
+    published: int = 0
+    missing_required: int = 0
+    last_missing: str = ""
+    deadline_misses: int = 0
+    skipped_ticks: int = 0
+    errors: int = 0
+    last_error: str = ""
+    window_ns: LatencyStats = field(default_factory=LatencyStats)
+    infer_ns: LatencyStats = field(default_factory=LatencyStats)
+    ready_after_ref_ns: LatencyStats = field(default_factory=LatencyStats)
+
+    def summary(self) -> dict[str, Any]:
+        return {"ticks": self.ticks, "published": self.published,
+                "missing_required": self.missing_required, "last_missing": self.last_missing,
+                "deadline_misses": self.deadline_misses, "skipped_ticks": self.skipped_ticks,
+                "errors": self.errors, "last_error": self.last_error,
+                "window": self.window_ns.summary(), "infer": self.infer_ns.summary(),
+                "ready_after_ref": self.ready_after_ref_ns.summary()}
+
+
+class DeadlinePublisher:
+    """Owns the output socket; sends each message at its deadline, in deadline order."""
+
+    def __init__(self, send: Callable[[list], None], clock: Clock,
+                 on_published: Callable[[Prediction], None] | None = None) -> None:
+        self._send = send
+        self._clock = clock
+        self._on_published = on_published
+        self._queue: list[tuple[int, int, Message]] = []
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        self._stopping = False
+        self.jitter_ns = LatencyStats()
+        self.sent = 0
+
+    def schedule(self, msg: Message, deadline_ns: int) -> None:
+        with self._changed:
+            heapq.heappush(self._queue, (deadline_ns, next(self._order), msg))
+            self._changed.notify()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
+
+    def run_blocking(self) -> None:
+        """Publish until stopped; messages still queued at stop are sent at once."""
+        while True:
+            with self._changed:
+                if not self._queue:
+                    if self._stopping:
+                        return
+                    self._changed.wait(_MAX_WAIT_S)
+                    continue
+                deadline_ns = self._queue[0][0]
+                remaining = deadline_ns - self._clock.now_ns()
+                if remaining > _WAKE_MARGIN_NS and not self._stopping:
+                    self._changed.wait(min(_MAX_WAIT_S, (remaining - _WAKE_MARGIN_NS) / 1e9))
+                    continue
+                _, _, msg = heapq.heappop(self._queue)
+            if not self._stopping:
+                self._clock.sleep_until(deadline_ns)
+            self._publish(msg, deadline_ns)
+
+    def _publish(self, msg: Message, deadline_ns: int) -> None:
+        now = self._clock.now_ns()
+        if isinstance(msg, Prediction):
+            msg.t_publish_ns = now
+            self.jitter_ns.add(now - deadline_ns)
+        self._send(encode(msg))
+        self.sent += 1
+        if isinstance(msg, Prediction) and self._on_published is not None:
+            self._on_published(msg)
+
+
+class TickGrid:
+    """t_ref of tick k = k · period on the absolute clock, exact in integer ns at any rate."""
+
+    def __init__(self, rate_hz: float) -> None:
+        self.period = Fraction(1_000_000_000) / Fraction(rate_hz).limit_denominator(1_000_000)
+
+    def t_ref_ns(self, k: int) -> int:
+        return int(k * self.period)
+
+    def first_at_or_after(self, t_ns: int) -> int:
+        return math.ceil(Fraction(t_ns) / self.period)
+
+
+class EngineRunner:
+    """One thread per engine, so an engine never runs concurrently with itself."""
+
+    def __init__(self, *, name: str, topic: str, engine: Engine, binding: Binding,
+                 rate_hz: float, latency_ns: int, align_delay_ns: int, clock: Clock,
+                 buffer: AlignmentBuffer, publisher: DeadlinePublisher) -> None:
+        if not 0 <= align_delay_ns < latency_ns:
+            raise FusionError(f"engine {name!r}: align delay {align_delay_ns} ns must be below "
+                              f"its latency {latency_ns} ns")
+        self.name = name
+        self.topic = topic
+        self.engine = engine
+        self.binding = binding
+        self.rate_hz = rate_hz
+        self.latency_ns = latency_ns
+        self.align_delay_ns = align_delay_ns
+        self._grid = TickGrid(rate_hz)
+        self._clock = clock
+        self._buffer = buffer
+        self._publisher = publisher
+        self._stop = threading.Event()
+        self._seq = 0
+        self.stats = EngineStats()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run_blocking(self, start_ns: int | None = None) -> None:
+        """Tick until stopped."""
+        k = self._grid.first_at_or_after(self._clock.now_ns() if start_ns is None else start_ns)
+        while not self._stop.is_set():
+            t_ref_ns = self._grid.t_ref_ns(k)
+            self._clock.sleep_until(t_ref_ns + self.align_delay_ns)
+            if self._stop.is_set():
+                return
+            self.tick(t_ref_ns)
+            k += 1
+            # Fell behind by more than a whole latency: skip to the next tick that can still
+            # meet its deadline instead of publishing a backlog of stale predictions.
+            now = self._clock.now_ns()
+            while self._grid.t_ref_ns(k) + self.latency_ns < now:
+                k += 1
+                self.stats.skipped_ticks += 1
+
+    def tick(self, t_ref_ns: int) -> Prediction | None:
+        """Run one tick for sensor time t_ref; returns the scheduled prediction, if any."""
+        self.stats.ticks += 1
+        t_window_start = self._clock.now_ns()
+        window = self._buffer.window(t_ref_ns, self.binding.spec)
+        self.stats.window_ns.add(self._clock.now_ns() - t_window_start)
+        if window.missing_required:
+            self.stats.missing_required += 1
+            self.stats.last_missing = "; ".join(
+                f"{s}: {window.missing[s]}" for s in window.missing_required)
+            return None
+        try:
+            feeds = self.binding.feeds(window)
+            t_window_ns = self._clock.now_ns()
+            outputs = self.engine.infer(feeds)
+            t_infer_end_ns = self._clock.now_ns()
+            fields, arrays = self.binding.decode(outputs, window)
+        except FusionError as exc:
+            self.stats.errors += 1
+            self.stats.last_error = str(exc)
+            log.warning("engine %s at t_ref %d: %s", self.name, t_ref_ns, exc)
+            return None
+        deadline_ns = t_ref_ns + self.latency_ns
+        ready_ns = self._clock.now_ns()
+        late = ready_ns > deadline_ns
+        if late:
+            self.stats.deadline_misses += 1
+        self.stats.infer_ns.add(t_infer_end_ns - t_window_ns)
+        self.stats.ready_after_ref_ns.add(ready_ns - t_ref_ns)
+        prediction = Prediction(
+            stream=self.topic, seq=self._seq, t_ref_ns=t_ref_ns, deadline_ns=deadline_ns,
+            engine=self.name, model_hash=self.engine.model_hash, mask=dict(window.mask),
+            fields=fields, arrays=arrays, late=late,
+            trace={"t_capture_ns": window.newest_capture_ns,
+                   "t_receive_ns": window.newest_receive_ns,
+                   "t_window_start_ns": t_window_start, "t_infer_start_ns": t_window_ns,
+                   "t_infer_end_ns": t_infer_end_ns, "t_ready_ns": ready_ns})
+        self._seq += 1
+        self.stats.published += 1
+        self._publisher.schedule(prediction, deadline_ns)
+        return prediction

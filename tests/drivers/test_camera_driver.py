@@ -1,0 +1,136 @@
+"""OpenCVCamera on real video files written here with cv2.VideoWriter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from drivers.camera import OpenCVCamera, OpenCVCameraConfig
+from fusion_node.clock import MonotonicClock
+from fusion_node.errors import ConfigError, DriverError, EndOfStream
+
+FPS = 25
+PERIOD_NS = 1_000_000_000 // FPS
+N_FRAMES = 12
+WIDTH, HEIGHT = 96, 64
+
+
+def frame_colour(k: int) -> tuple[int, int, int]:
+    """BGR colour of frame k: distinct per channel so channel order is checked too."""
+    return (20 * k % 250, 200 - 10 * k, 60)
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("video") / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (WIDTH, HEIGHT))
+    assert writer.isOpened()
+    for k in range(N_FRAMES):
+        writer.write(np.full((HEIGHT, WIDTH, 3), frame_colour(k), np.uint8))
+    writer.release()
+    return path
+
+
+def assert_colour(image: np.ndarray, k: int) -> None:
+    mean = image.reshape(-1, 3).mean(axis=0)
+    np.testing.assert_allclose(mean, frame_colour(k), atol=4)  # MJPG is lossy
+
+
+async def read_all(camera: OpenCVCamera) -> list:
+    frames = []
+    while True:
+        try:
+            frames.append(await camera.recv())
+        except EndOfStream:
+            return frames
+
+
+async def test_file_fast_reads_every_frame_with_file_times(video, stepping_clock):
+    start_ns = stepping_clock.now_ns()
+    camera = OpenCVCamera(OpenCVCameraConfig("camera.test", str(video), realtime=False),
+                          stepping_clock)
+    await camera.connect()
+    frames = await read_all(camera)
+    with pytest.raises(EndOfStream):  # stays ended
+        await camera.recv()
+    await camera.disconnect()
+
+    assert len(frames) == N_FRAMES
+    assert [f.seq for f in frames] == list(range(N_FRAMES))
+    assert [f.t_capture_ns for f in frames] == [start_ns + k * PERIOD_NS
+                                                for k in range(N_FRAMES)]
+    for k, frame in enumerate(frames):
+        assert frame.stream == "camera.test"
+        assert frame.encoding == "bgr8"
+        assert frame.image.shape == (HEIGHT, WIDTH, 3) and frame.image.dtype == np.uint8
+        assert_colour(frame.image, k)
+    # As fast as possible: the driver never waited on the clock.
+    assert stepping_clock.now_ns() == start_ns
+
+
+async def test_file_realtime_delivers_each_frame_at_its_time(video, stepping_clock):
+    camera = OpenCVCamera(OpenCVCameraConfig("camera.test", str(video)), stepping_clock)
+    await camera.connect()
+    for _ in range(N_FRAMES):
+        frame = await camera.recv()
+        assert stepping_clock.now_ns() == frame.t_capture_ns
+    await camera.disconnect()
+
+
+async def test_file_realtime_on_monotonic_clock_never_early(video):
+    clock = MonotonicClock()
+    camera = OpenCVCamera(OpenCVCameraConfig("camera.test", str(video)), clock)
+    await camera.connect()
+    for _ in range(4):
+        frame = await camera.recv()
+        assert clock.now_ns() >= frame.t_capture_ns
+    await camera.disconnect()
+
+
+async def test_file_loop_continues_stamps_and_restarts_images(video, stepping_clock):
+    start_ns = stepping_clock.now_ns()
+    camera = OpenCVCamera(OpenCVCameraConfig("camera.test", str(video), realtime=False,
+                                             loop=True), stepping_clock)
+    await camera.connect()
+    frames = [await camera.recv() for _ in range(2 * N_FRAMES + 3)]
+    await camera.disconnect()
+    assert [f.t_capture_ns - start_ns for f in frames] == [k * PERIOD_NS
+                                                           for k in range(len(frames))]
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    for k, frame in enumerate(frames):
+        assert_colour(frame.image, k % N_FRAMES)
+
+
+async def test_missing_file_names_it(tmp_path, stepping_clock):
+    path = tmp_path / "absent.avi"
+    camera = OpenCVCamera(OpenCVCameraConfig("camera.test", str(path)), stepping_clock)
+    with pytest.raises(DriverError, match="absent.avi"):
+        await camera.connect()
+    await camera.disconnect()  # safe after a failed connect
+
+
+async def test_missing_device_names_it(stepping_clock):
+    camera = OpenCVCamera(OpenCVCameraConfig("camera.test", 63), stepping_clock)
+    with pytest.raises(DriverError, match="camera 63 .*cannot open"):
+        await camera.connect()
+
+
+async def test_recv_before_connect_is_an_error(video, stepping_clock):
+    camera = OpenCVCamera(OpenCVCameraConfig("camera.test", str(video)), stepping_clock)
+    with pytest.raises(DriverError, match="not connected"):
+        await camera.recv()
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"source": "clip.avi", "width": 640}, "width"),
+    ({"source": "clip.avi", "delay_ms": 5.0}, "delay_ms"),
+    ({"source": 0, "loop": True}, "loop"),
+    ({"source": 0, "fps": 0.0}, "fps"),
+    ({"source": "/dev/video0", "delay_ms": -1.0}, "delay_ms"),
+])
+def test_config_rejects_inapplicable_or_bad_values(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        OpenCVCameraConfig("camera.test", **kwargs)

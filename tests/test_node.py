@@ -1,0 +1,291 @@
+"""The node end to end: real driver processes, real sockets, real ONNX Runtime sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from fusion_node.clock import MonotonicClock
+from fusion_node.config import load_config, parse_config
+from fusion_node.node import Node
+from fusion_node.protocol import Health, JointState, Prediction, encode
+from fusion_node.transport import Publisher, Subscriber
+
+ENGINES = """
+[[engines]]
+name = "speech"
+binding = "speech"
+model = "speech"
+topic = "pred.speech"
+rate_hz = 30
+latency_ms = 40
+align_delay_ms = 16
+inputs = { audio = "audio.mic0", video = "camera.front" }
+params = { mouth_roi = [256, 272, 128, 96] }
+
+[[engines]]
+name = "action"
+binding = "action"
+model = "action"
+topic = "pred.action"
+rate_hz = 25
+latency_ms = 30
+align_delay_ms = 8
+inputs = { image = "camera.front", joints = "joints.arm", command = "pred.speech" }
+"""
+
+
+class Collector:
+    """Receives everything the node publishes, on a thread, until stopped."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.messages: list = []
+        self._context = zmq.Context()
+        self._subscriber = Subscriber(self._context, [endpoint], MonotonicClock())
+        self._running = True
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while self._running:
+            msg = self._subscriber.recv(timeout_ms=50)
+            if msg is not None:
+                self.messages.append(msg)
+
+    def close(self) -> None:
+        self._running = False
+        self._thread.join()
+        self._subscriber.close()
+        self._context.term()
+
+    def on(self, topic: str) -> list:
+        return [m for m in self.messages if m.stream == topic]
+
+
+async def run_node(config, seconds: float, during=None) -> tuple[Node, Collector]:
+    node = Node(dataclasses.replace(config, pub="tcp://127.0.0.1:*"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(node.run(stop))
+    await asyncio.wait_for(node.ready.wait(), 30)
+    collector = Collector(node.pub_endpoint)
+    try:
+        if during is not None:
+            await asyncio.to_thread(during, seconds)
+        else:
+            await asyncio.sleep(seconds)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        collector.close()
+    return node, collector
+
+
+async def test_default_config_publishes_fixed_latency_predictions():
+    node, collector = await run_node(load_config(), 4.0)
+    speech = collector.on("pred.speech")
+    action = collector.on("pred.action")
+    assert len(speech) > 30 and len(action) > 25
+    for topic, msgs, latency_ms in (("pred.speech", speech, 40), ("pred.action", action, 30)):
+        for msg in msgs:
+            assert isinstance(msg, Prediction)
+            assert msg.deadline_ns == msg.t_ref_ns + latency_ms * 1_000_000
+            # Never published before its deadline: the latency is fixed, not "as soon as".
+            assert msg.t_publish_ns >= msg.deadline_ns
+            trace = msg.trace
+            assert (trace["t_capture_ns"] <= trace["t_receive_ns"] <= trace["t_infer_start_ns"]
+                    <= trace["t_infer_end_ns"] <= trace["t_ready_ns"])
+        seqs = [m.seq for m in msgs]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        assert all(not m.late for m in msgs), f"{topic} had late predictions"
+    # Speech ticks on the 30 Hz grid; every modality was present.
+    periods = np.diff([m.t_ref_ns for m in speech])
+    assert set(np.unique(periods)) <= {33_333_333, 33_333_334}
+    assert speech[-1].mask == {"audio.mic0": True, "camera.front": True}
+    assert speech[-1].arrays["command_posterior"].shape == (17,)
+    assert abs(float(speech[-1].arrays["command_posterior"].sum()) - 1.0) < 1e-5
+    assert isinstance(speech[-1].fields["command"], str)
+    assert action[-1].arrays["actions"].shape == (20, 3)
+    assert action[-1].mask == {"camera.front": True, "joints.arm": True, "pred.speech": True}
+    steps = action[-1].arrays["step_times_ns"]
+    assert steps[0] == action[-1].t_ref_ns + 20_000_000
+    health = [m for m in collector.on("node.health") if isinstance(m, Health)]
+    assert health, "node.health was not published"
+    streams = health[-1].stats["streams"]
+    assert streams["audio.mic0"]["received"] > 0 and streams["joints.arm"]["received"] > 0
+    assert all(d["running"] for d in health[-1].stats["drivers"].values())
+
+
+EXTERNAL_JOINTS = """
+[node]
+connect = ["{endpoint}"]
+
+[[drivers]]
+kind = "sim_camera"
+stream = "camera.front"
+process = false
+
+[[drivers]]
+kind = "sim_microphone"
+stream = "audio.mic0"
+process = false
+
+[[streams]]
+name = "joints.arm"
+kind = "joints"
+""" + ENGINES
+
+
+def bad_messages(seq: int) -> list[tuple[str, list[bytes]]]:
+    good = encode(JointState("joints.arm", seq, time.monotonic_ns(), ("a", "b", "c"),
+                             np.zeros(3), np.zeros(3), np.zeros(3)))
+    header = msgpack.unpackb(bytes(good[1]))
+    wrong_dtype = dict(header, dtype="complex64")
+    newer = dict(header, v=2)
+    return [
+        ("truncated", [b"joints.arm"]),
+        ("bad_dtype", [good[0], msgpack.packb(wrong_dtype), bytes(good[2])]),
+        ("size_mismatch", [good[0], bytes(good[1]), bytes(good[2])[:-8]]),
+        ("header_too_large", [good[0], b"\x80" * (70 * 1024), bytes(good[2])]),
+        ("unsupported_version", [good[0], msgpack.packb(newer), bytes(good[2])]),
+        ("bad_header", [good[0], b"\xc1garbage", bytes(good[2])]),
+    ]
+
+
+async def test_bad_messages_are_counted_and_the_node_keeps_running(tmp_path):
+    endpoint = f"ipc://{tmp_path}/controller.ipc"
+    context = zmq.Context()
+    controller = Publisher(context, endpoint)
+    config = parse_config(EXTERNAL_JOINTS.format(endpoint=endpoint), "test")
+
+    def controller_loop(seconds: float) -> None:
+        # A robot controller at 200 Hz whose stream is interleaved with malformed messages.
+        end = time.monotonic() + seconds
+        seq = 0
+        while time.monotonic() < end:
+            t = time.monotonic_ns()
+            controller.send(JointState("joints.arm", seq, t, ("a", "b", "c"),
+                                       np.full(3, 0.1), np.zeros(3), np.zeros(3)))
+            if seq % 50 == 10:
+                for _, parts in bad_messages(seq):
+                    controller.send_parts(parts)
+            seq += 1
+            time.sleep(0.005)
+
+    try:
+        node, collector = await run_node(config, 4.0, during=controller_loop)
+    finally:
+        controller.close()
+        context.term()
+    rejected = node.subscriber.rejected if node.subscriber else {}
+    for reason, _ in bad_messages(0):
+        assert rejected[reason] >= 3, f"{reason} not counted: {dict(rejected)}"
+    action = collector.on("pred.action")
+    assert len(action) > 25
+    # Predictions kept coming after the last batch of bad messages.
+    assert action[-1].t_ref_ns > time.monotonic_ns() - 2_000_000_000
+    health = collector.on("node.health")[-1].stats
+    assert health["rejected"]["bad_dtype"] >= 1
+
+
+MISSING = """
+[[drivers]]
+kind = "sim_microphone"
+stream = "audio.mic0"
+process = false
+
+[[streams]]
+name = "camera.front"
+kind = "frame"
+
+[[streams]]
+name = "joints.arm"
+kind = "joints"
+""" + ENGINES
+
+
+async def test_missing_streams_mask_optional_and_report_required():
+    config = dataclasses.replace(parse_config(MISSING, "test"), startup_timeout_ns=0)
+    node, collector = await run_node(config, 3.0)
+    speech = collector.on("pred.speech")
+    # No camera: speech still predicts from audio, with the video marked missing.
+    assert len(speech) > 20
+    assert speech[-1].mask == {"audio.mic0": True, "camera.front": False}
+    # No joint states: the action engine publishes nothing and says why.
+    assert collector.on("pred.action") == []
+    action = node.health()["engines"]["action"]
+    assert action["missing_required"] > 20
+    assert "joints.arm" in action["last_missing"]
+    assert action["published"] == 0
+
+
+async def test_killed_sensor_process_does_not_stop_the_node():
+    config = load_config()
+    node = Node(dataclasses.replace(config, pub="tcp://127.0.0.1:*"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(node.run(stop))
+    await asyncio.wait_for(node.ready.wait(), 30)
+    collector = Collector(node.pub_endpoint)
+    try:
+        await asyncio.sleep(1.0)
+        node.driver_processes["camera.front"].kill()
+        await asyncio.sleep(2.0)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        collector.close()
+    speech = collector.on("pred.speech")
+    assert speech[-1].mask["camera.front"] is False
+    assert speech[-1].t_ref_ns > speech[0].t_ref_ns + 2_000_000_000
+    drivers = collector.on("node.health")[-1].stats["drivers"]
+    assert drivers["camera.front"]["running"] is False
+
+
+async def test_slow_subscriber_does_not_block_the_node():
+    node = Node(dataclasses.replace(load_config(), pub="tcp://127.0.0.1:*"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(node.run(stop))
+    await asyncio.wait_for(node.ready.wait(), 30)
+    context = zmq.Context()
+    stalled = context.socket(zmq.SUB)  # subscribes and never reads
+    stalled.setsockopt(zmq.RCVHWM, 1)
+    stalled.setsockopt(zmq.SUBSCRIBE, b"")
+    stalled.connect(node.pub_endpoint)
+    collector = Collector(node.pub_endpoint)
+    try:
+        await asyncio.sleep(3.0)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        collector.close()
+        stalled.close(linger=0)
+        context.term()
+    speech = collector.on("pred.speech")
+    seqs = [m.seq for m in speech]
+    assert len(seqs) > 60 and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[[engines]]\nname = 1", "engines[0].name = 1 is not a str"),
+    ("[node]\npub = 'tcp://10.1.2.3:5599'", None),
+    ("[node]\nbogus = 1", "unknown key(s) ['bogus']"),
+])
+def test_config_errors_name_the_problem(text, message):
+    from fusion_node.errors import ConfigError
+
+    if message is None:
+        config = parse_config(text, "t")
+        context = zmq.Context()
+        with pytest.raises(ConfigError, match="not loopback"):
+            Publisher(context, config.pub)
+        context.term()
+        return
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "t")
+    assert message in str(info.value)

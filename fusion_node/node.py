@@ -45,7 +45,7 @@ def model_path(model: str) -> Path:
     """A reference model by name ("speech", "action") or a path to an ONNX file."""
     if model.endswith(".onnx") or "/" in model:
         return Path(model)
-    return Path(str(resources.files("engines").joinpath("models", f"{model}.onnx")))
+    return Path(str(resources.files("engines") / "models" / f"{model}.onnx"))
 
 
 def make_binding(engine: EngineConfig, config: NodeConfig) -> Binding:

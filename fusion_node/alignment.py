@@ -182,9 +182,14 @@ class _SampleRing:
 
     def read(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         wanted = np.arange(start, end)
-        slots = wanted & self.mask
-        valid = self.index[slots] == wanted
-        out = self.samples[slots]
+        first = start & self.mask
+        if first + len(wanted) <= len(self.index):  # no wrap-around: plain slices
+            valid = self.index[first:first + len(wanted)] == wanted
+            out = self.samples[first:first + len(wanted)].copy()
+        else:
+            slots = wanted & self.mask
+            valid = self.index[slots] == wanted
+            out = self.samples[slots]
         out[~valid] = 0.0
         return out, valid
 

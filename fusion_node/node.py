@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from threadpoolctl import threadpool_limits
 
 from fusion_node.alignment import AlignmentBuffer
 from fusion_node.bindings import ActionBinding, SpeechBinding
@@ -165,6 +166,9 @@ class Node:
         """Start everything, run until `stop` is set, then shut down cleanly."""
         previous_interval = sys.getswitchinterval()
         sys.setswitchinterval(_SWITCH_INTERVAL_S)
+        # OpenBLAS worker threads busy-wait after each call: at 30 Hz of small matrix
+        # products they kept a whole core spinning. Engines bring their own threads.
+        blas_limit = threadpool_limits(limits=1, user_api="blas")
         self._started_ns = self.clock.now_ns()
         run_dir_tmp = None
         if self.config.run_dir:
@@ -214,6 +218,7 @@ class Node:
                 self._context.term()
             if run_dir_tmp is not None:
                 run_dir_tmp.cleanup()
+            blas_limit.restore_original_limits()
             sys.setswitchinterval(previous_interval)
 
     async def _stop_driver_processes(self) -> None:

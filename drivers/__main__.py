@@ -12,7 +12,8 @@ import contextlib
 import json
 import signal
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import zmq
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -209,11 +210,14 @@ class OpenCVCamera:
             # time does not shift the stamp.
             grabbed = capture.grab()
             t_capture_ns = self._clock.now_ns() - self._delay_ns
-            ok, image = capture.retrieve() if grabbed else (False, None)
             if self._stop.is_set():
                 return
-            if not ok:
+            if not grabbed:
                 self._fail("grab failed (device disconnected?)")
+                return
+            ok, image = capture.retrieve()
+            if not ok:
+                self._fail("cannot decode the grabbed frame")
                 return
             try:
                 frame = self._frame(t_capture_ns, image)
@@ -230,10 +234,9 @@ class OpenCVCamera:
     def _wake(self) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            try:
+            # The loop may close between the check and the call.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._wakeup.set)
-            except RuntimeError:  # the loop closed between the check and the call
-                pass
 
     async def _recv_live(self) -> Frame:
         while not self._frames:

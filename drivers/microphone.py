@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 import wave
 from dataclasses import dataclass
@@ -179,9 +180,15 @@ class SoundDeviceMicrophone:
 
     async def connect(self) -> None:
         try:
-            import sounddevice as sd
+            import sounddevice as sd  # type: ignore[import-untyped]
         except OSError as exc:  # sounddevice raises OSError when libportaudio is missing
             raise DriverError(f"{self._name}: PortAudio is unavailable ({exc})") from None
+        self._chunker = AudioChunker(self.stream, self.config.sample_rate, self.config.channels,
+                                     self.config.chunk_ms)
+        self._blocks.clear()
+        self._ready.clear()
+        self._frames_seen = 0
+        self._failure = ""
         self._loop = asyncio.get_running_loop()
         self._sd_stream = await asyncio.to_thread(self._open_blocking, sd)
 
@@ -219,11 +226,11 @@ class SoundDeviceMicrophone:
         self._wake()
 
     def _wake(self) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            try:
-                self._loop.call_soon_threadsafe(self._wakeup.set)
-            except RuntimeError:  # the loop closed between the check and the call
-                pass
+        loop = self._loop  # disconnect may clear it meanwhile
+        if loop is not None and not loop.is_closed():
+            # The loop may close between the check and the call.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._wakeup.set)
 
     async def recv(self) -> AudioChunk:
         if self._sd_stream is None:
@@ -295,12 +302,14 @@ class WavFileMicrophone:
         self._wav = await asyncio.to_thread(self._open_blocking)
         self._chunker = AudioChunker(self.stream, self._wav.getframerate(),
                                      self._wav.getnchannels(), self.config.chunk_ms)
+        self._ready.clear()
+        self._ended = False
         self._start_ns = self._clock.now_ns()
 
     def _open_blocking(self) -> wave.Wave_read:
         path = self.config.path
         try:
-            wav = wave.open(str(Path(path)), "rb")
+            wav = wave.open(str(Path(path)), "rb")  # noqa: SIM115 - open until disconnect
         except FileNotFoundError:
             raise DriverError(f"WAV file {path!r} does not exist") from None
         except (wave.Error, EOFError, OSError) as exc:

@@ -11,7 +11,8 @@ import importlib
 import re
 import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from drivers.base import Driver
 from fusion_node.clock import Clock
@@ -43,6 +44,8 @@ def create_driver(kind: str, stream: str, config: Mapping[str, Any], clock: Cloc
     if not isinstance(stream, str) or not _STREAM_NAME.fullmatch(stream):
         raise ConfigError(f"stream name {stream!r} must be dotted lowercase, e.g. "
                           "'camera.front'")
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config for stream {stream!r} is {config!r}, expected a table")
     module_name, driver_name, config_name = _KINDS[kind]
     module = importlib.import_module(module_name)
     parsed = parse_config(getattr(module, config_name), stream, config,

@@ -90,7 +90,7 @@ class SimulatedCamera:
         self.stream = config.stream
         self._pacer = _Pacer(clock, config.fps)
         self._background = _render_face()
-        x, y, w, h = MOUTH_ROI
+        _, _, w, h = MOUTH_ROI
         ys, xs = np.mgrid[0:h, 0:w]
         self._mouth_dx2 = ((xs - w / 2) / (0.4 * w)) ** 2
         self._mouth_dy = ys - h / 2
@@ -129,7 +129,7 @@ def _render_face() -> np.ndarray:
     image = np.empty((FRAME_HEIGHT, FRAME_WIDTH, 3), np.uint8)
     image[:] = (70, 80, 90)
     ys, xs = np.mgrid[0:FRAME_HEIGHT, 0:FRAME_WIDTH]
-    x, y, w, h = MOUTH_ROI
+    x, _, w, _ = MOUTH_ROI
     cx = x + w / 2
 
     def ellipse(centre_x: float, centre_y: float, a: float, b: float) -> np.ndarray:

@@ -82,7 +82,7 @@ class AudioSpan:
     valid: np.ndarray  # bool [n]
     sample_rate: int
     t_start_ns: int
-    newest_receive_ns: int
+    newest: AudioChunk  # the newest chunk the span draws on
 
 
 @dataclass
@@ -98,7 +98,7 @@ class InterpolatedJoints:
     velocity: np.ndarray
     effort: np.ndarray
     t_ns: int
-    newest_receive_ns: int
+    newest: JointState  # the newest sample interpolated from
 
 
 @dataclass
@@ -108,6 +108,7 @@ class Window:
     mask: dict[str, bool] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
     missing_required: list[str] = field(default_factory=list)
+    # Capture and receive time of the newest message the window uses, for latency traces.
     newest_capture_ns: int = 0
     newest_receive_ns: int = 0
 
@@ -269,18 +270,15 @@ class AlignmentBuffer:
 
 
 def _note_times(window: Window, result: Any) -> None:
-    if isinstance(result, AudioSpan):
-        capture = result.t_start_ns + len(result.valid) * 1_000_000_000 // result.sample_rate
-        receive = result.newest_receive_ns
+    if isinstance(result, (AudioSpan, InterpolatedJoints)):
+        newest = result.newest
     elif isinstance(result, FrameStack):
         newest = next(f for f in reversed(result.frames) if f is not None)
-        capture, receive = newest.t_capture_ns, newest.t_receive_ns
-    elif isinstance(result, InterpolatedJoints):
-        capture, receive = result.t_ns, result.newest_receive_ns
     else:
-        capture, receive = result.t_capture_ns, result.t_receive_ns
-    window.newest_capture_ns = max(window.newest_capture_ns, capture)
-    window.newest_receive_ns = max(window.newest_receive_ns, receive)
+        newest = result
+    if newest.t_capture_ns >= window.newest_capture_ns:
+        window.newest_capture_ns = newest.t_capture_ns
+        window.newest_receive_ns = newest.t_receive_ns
 
 
 def _at_or_before(ring: _Ring, t_ns: int) -> int:
@@ -318,9 +316,11 @@ def _audio(ring: _Ring, t_ref_ns: int, spec: AudioInput) -> AudioSpan | str:
     end = (t_ref_ns - origin_ns) * sr // 1_000_000_000 + 1
     start = end - spec.samples
     out, valid = samples.read(start, end)
-    newest_receive_ns = max(m.t_receive_ns for m in ring.items[anchor_at:anchor_at + 2])
-    return AudioSpan(out, valid, sr, origin_ns + start * 1_000_000_000 // sr,
-                     newest_receive_ns)
+    newest = anchor
+    following = ring.items[anchor_at + 1] if anchor_at + 1 < len(ring.items) else None
+    if isinstance(following, AudioChunk) and following.sample_index < end:
+        newest = following
+    return AudioSpan(out, valid, sr, origin_ns + start * 1_000_000_000 // sr, newest)
 
 
 _ORIGIN_CHUNKS = 32
@@ -361,7 +361,7 @@ def _joints(ring: _Ring, t_ref_ns: int, spec: JointsInput) -> InterpolatedJoints
         if lag > spec.tolerance_ns:
             return f"newest joint state is {_ms(lag)} old (limit {_ms(spec.tolerance_ns)})"
         return InterpolatedJoints(s0.names, s0.position.copy(), s0.velocity.copy(),
-                                  s0.effort.copy(), t_ref_ns, s0.t_receive_ns)
+                                  s0.effort.copy(), t_ref_ns, s0)
     s1 = ring.items[before_at + 1]
     assert isinstance(s1, JointState)
     if s1.names != s0.names:
@@ -377,7 +377,7 @@ def _joints(ring: _Ring, t_ref_ns: int, spec: JointsInput) -> InterpolatedJoints
 
     return InterpolatedJoints(s0.names, lerp(s0.position, s1.position),
                               lerp(s0.velocity, s1.velocity), lerp(s0.effort, s1.effort),
-                              t_ref_ns, max(s0.t_receive_ns, s1.t_receive_ns))
+                              t_ref_ns, s1)
 
 
 def _latest(ring: _Ring, t_ref_ns: int, spec: LatestInput) -> Message | str:

@@ -237,7 +237,6 @@ def encode(msg: Message) -> list[Part]:
         layout = _layout("joints", msg.stream, "float64", state.shape, tuple(msg.names))
         return [layout.topic, _header(layout, msg.seq, msg.t_capture_ns),
                 _wire(state, layout.dtype)]
-    topic = msg.stream.encode()
     if isinstance(msg, Prediction):
         specs = []
         payload = []
@@ -251,11 +250,11 @@ def encode(msg: Message) -> list[Part]:
                   "late": msg.late, "engine": msg.engine, "model_hash": msg.model_hash,
                   "mask": msg.mask, "fields": msg.fields, "trace": msg.trace,
                   "arrays": specs, "encoding": "raw"}
-        return [topic, _pack(header), *payload]
+        return [msg.stream.encode(), _pack(header), *payload]
     if isinstance(msg, Health):
         header = {"v": PROTOCOL_VERSION, "kind": "health", "stream": msg.stream,
                   "seq": msg.seq, "t_capture_ns": msg.t_capture_ns, "stats": msg.stats}
-        return [topic, _pack(header)]
+        return [msg.stream.encode(), _pack(header)]
     raise TypeError(f"cannot encode {type(msg).__name__}")
 
 

@@ -162,7 +162,7 @@ async def test_bad_messages_are_counted_and_the_node_keeps_running(tmp_path):
     endpoint = f"ipc://{tmp_path}/controller.ipc"
     context = zmq.Context()
     controller = Publisher(context, endpoint)
-    config = parse_config(EXTERNAL_JOINTS.format(endpoint=endpoint), "test")
+    config = parse_config(EXTERNAL_JOINTS.replace("{endpoint}", endpoint), "test")
 
     def controller_loop(seconds: float) -> None:
         # A robot controller at 200 Hz whose stream is interleaved with malformed messages.

@@ -107,14 +107,14 @@ async def test_file_loop_continues_stamps_and_restarts_images(video, stepping_cl
 async def test_missing_file_names_it(tmp_path, stepping_clock):
     path = tmp_path / "absent.avi"
     camera = OpenCVCamera(OpenCVCameraConfig("camera.test", str(path)), stepping_clock)
-    with pytest.raises(DriverError, match="absent.avi"):
+    with pytest.raises(DriverError, match=r"absent\.avi"):
         await camera.connect()
     await camera.disconnect()  # safe after a failed connect
 
 
 async def test_missing_device_names_it(stepping_clock):
     camera = OpenCVCamera(OpenCVCameraConfig("camera.test", 63), stepping_clock)
-    with pytest.raises(DriverError, match="camera 63 .*cannot open"):
+    with pytest.raises(DriverError, match=r"camera 63 .*cannot open"):
         await camera.connect()
 
 

@@ -36,6 +36,7 @@ def test_creates_each_kind(kind):
 
 @pytest.mark.parametrize("kind, stream, config, match", [
     ("lidar", "lidar.top", {}, "kind 'lidar'"),
+    ("sim_camera", "camera.sim", [("fps", 30)], "expected a table"),
     ("sim_camera", "Camera Front", {}, "stream name 'Camera Front'"),
     ("sim_camera", "camera.sim", {"fsp": 30}, "unknown config key 'fsp'"),
     ("sim_camera", "camera.sim", {"stream": "x"}, "'stream' is not allowed"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Self
 
 import numpy as np
 import pytest
@@ -27,32 +28,37 @@ def endpoint(tmp_path) -> str:
 def context():
     ctx = zmq.Context()
     yield ctx
-    ctx.term()
+    ctx.destroy(linger=0)  # closes sockets a failed test left open
 
 
-def controller_state(k: int) -> JointState:
-    position = np.array([0.1 * k, -0.1 * k])
-    return JointState("joints.ctrl", k, 1_000_000 + 5_000 * k, NAMES, position,
-                      np.array([1.0, -1.0]), np.zeros(2))
+def controller_state(k: int, names: tuple[str, ...] = NAMES) -> JointState:
+    position = np.arange(len(names)) + 0.1 * k
+    return JointState("joints.ctrl", k, 1_000_000 + 5_000 * k, names, position,
+                      np.ones(len(names)), np.zeros(len(names)))
 
 
 class Controller:
-    """Publishes a scripted sequence in a loop until stopped (a PUB drops messages sent
-    before the subscriber has joined, so the sequence repeats until it is seen)."""
+    """Publishes joint states with rising stamps until stopped; once `misbehave` is set, each
+    is followed by a message of another kind, a state with other joint names and a repeat."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, script: list) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
         self._publisher = Publisher(context, endpoint)
-        self._script = script
         self._stop = threading.Event()
+        self.misbehave = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        k = 1
         while not self._stop.is_set():
-            for msg in self._script:
-                self._publisher.send(msg)
-                self._stop.wait(0.001)
+            self._publisher.send(controller_state(k))
+            if self.misbehave.is_set():
+                self._publisher.send(Frame("camera.x", 0, 0, np.zeros((2, 2, 3), np.uint8)))
+                self._publisher.send(controller_state(k + 1, names=("other",)))
+                self._publisher.send(controller_state(k))
+            k += 1
+            self._stop.wait(0.001)
 
-    def __enter__(self) -> Controller:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -63,39 +69,35 @@ class Controller:
 
 
 async def test_reemits_states_keeps_stamps_and_counts_rejects(context, endpoint):
-    good = [controller_state(k) for k in range(1, 4)]
-    wrong_kind = Frame("camera.x", 0, 0, np.zeros((2, 2, 3), np.uint8))
-    renamed = JointState("joints.ctrl", 9, 2_000_000_000, ("other",), np.zeros(1), np.zeros(1),
-                         np.zeros(1))
-    script = [*good, wrong_kind, renamed]
-    driver = ZmqJointSubscriber(ZmqJointSubscriberConfig("joints.arm", endpoint), MonotonicClock(),
-                                context)
+    driver = ZmqJointSubscriber(ZmqJointSubscriberConfig("joints.arm", endpoint),
+                                MonotonicClock(), context)
     await driver.connect()
-    with Controller(context, endpoint, script):
-        first = await driver.recv()
-        # Wherever the subscription joined, the next good state follows in script order.
-        states = [first] + [await driver.recv() for _ in range(5)]
+    with Controller(context, endpoint) as controller:
+        # The first state fixes the joint names; only then does the controller misbehave.
+        states = [await driver.recv()]
+        controller.misbehave.set()
+        states += [await driver.recv() for _ in range(9)]
     await driver.disconnect()
 
-    assert [s.seq for s in states] == list(range(6))
-    for state in states:
+    assert [s.seq for s in states] == list(range(10))
+    ks = [(s.t_capture_ns - 1_000_000) // 5_000 for s in states]
+    assert ks == sorted(set(ks))  # rising stamps, none repeated
+    for state, k in zip(states, ks, strict=True):
+        sent = controller_state(k)
         assert state.stream == "joints.arm" and state.names == NAMES
-        k = (state.t_capture_ns - 1_000_000) // 5_000
-        np.testing.assert_array_equal(state.position, controller_state(k).position)
-    # The script repeats with the same stamps: a replayed stamp is refused, not re-emitted.
-    assert len({s.t_capture_ns for s in states}) == 3
-    stamps = [s.t_capture_ns for s in states[:3]]
-    assert stamps == sorted(stamps)
+        assert state.t_capture_ns == sent.t_capture_ns
+        np.testing.assert_array_equal(state.position, sent.position)
+        np.testing.assert_array_equal(state.velocity, sent.velocity)
     rejected = driver.rejected
-    assert rejected["wrong_kind"] >= 1 and rejected["names_changed"] >= 1
-    assert rejected["not_monotonic"] >= 1
+    assert rejected["wrong_kind"] >= 8 and rejected["names_changed"] >= 8
+    assert rejected["not_monotonic"] >= 8
 
 
 async def test_silence_is_a_fault_naming_endpoint(context, endpoint):
     driver = ZmqJointSubscriber(ZmqJointSubscriberConfig("joints.arm", endpoint, timeout_ms=150),
                                 MonotonicClock(), context)
     await driver.connect()
-    with pytest.raises(DriverError, match="controller.ipc.*150"):
+    with pytest.raises(DriverError, match=r"controller\.ipc.*150"):
         await driver.recv()
     await driver.disconnect()
 

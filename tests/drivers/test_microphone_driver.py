@@ -100,7 +100,7 @@ async def test_wav_loop_continues_index_and_content(tmp_path, stepping_clock):
 async def test_wav_rejects_8_bit(tmp_path, stepping_clock):
     path = write_wav(tmp_path / "byte.wav", np.full((100, 1), 128), 8000, width=1)
     mic = WavFileMicrophone(WavFileMicrophoneConfig("audio.test", str(path)), stepping_clock)
-    with pytest.raises(DriverError, match="byte.wav.*8-bit"):
+    with pytest.raises(DriverError, match=r"byte\.wav.*8-bit"):
         await mic.connect()
 
 
@@ -114,14 +114,14 @@ async def test_wav_rejects_float_format(tmp_path, stepping_clock):
     path = tmp_path / "float.wav"
     path.write_bytes(b"RIFF" + len(body).to_bytes(4, "little") + body)
     mic = WavFileMicrophone(WavFileMicrophoneConfig("audio.test", str(path)), stepping_clock)
-    with pytest.raises(DriverError, match="float.wav"):
+    with pytest.raises(DriverError, match=r"float\.wav"):
         await mic.connect()
 
 
 async def test_wav_missing_file(tmp_path, stepping_clock):
     mic = WavFileMicrophone(WavFileMicrophoneConfig("audio.test", str(tmp_path / "no.wav")),
                             stepping_clock)
-    with pytest.raises(DriverError, match="no.wav"):
+    with pytest.raises(DriverError, match=r"no\.wav"):
         await mic.connect()
     await mic.disconnect()
 
@@ -163,7 +163,8 @@ CAPTURE = textwrap.dedent("""
 
 
 def test_sounddevice_microphone_reads_real_portaudio_stream(tmp_path):
-    probe = subprocess.run([sys.executable, "-c", "import sounddevice"], capture_output=True)
+    probe = subprocess.run([sys.executable, "-c", "import sounddevice"], capture_output=True,
+                           check=False)
     if probe.returncode != 0:
         pytest.skip(f"PortAudio unavailable: {probe.stderr.decode().strip().splitlines()[-1]}")
     samples = noise(48000, 1)
@@ -173,7 +174,7 @@ def test_sounddevice_microphone_reads_real_portaudio_stream(tmp_path):
     out = tmp_path / "got.npy"
     result = subprocess.run([sys.executable, "-c", CAPTURE, str(out)], cwd=REPO,
                             env={**os.environ, "HOME": str(tmp_path)}, capture_output=True,
-                            text=True, timeout=30)
+                            text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     got = np.load(out)

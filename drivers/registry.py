@@ -38,6 +38,17 @@ _STREAM_NAME = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)*")
 def create_driver(kind: str, stream: str, config: Mapping[str, Any], clock: Clock) -> Driver:
     """Build the driver `kind` for `stream` from `config`; raise `ConfigError` naming any
     unknown kind, unknown, missing or ill-typed key, or bad value."""
+    module, parsed = _parse(kind, stream, config)
+    driver: Driver = getattr(module, _KINDS[kind][1])(parsed, clock)
+    return driver
+
+
+def check_driver_config(kind: str, stream: str, config: Mapping[str, Any]) -> None:
+    """Validate a driver's config without opening its device (for launch-file checks)."""
+    _parse(kind, stream, config)
+
+
+def _parse(kind: str, stream: str, config: Mapping[str, Any]) -> tuple[types.ModuleType, Any]:
     if kind not in _KINDS:
         raise ConfigError(f"driver kind {kind!r} for stream {stream!r} is not one of "
                           f"{', '.join(KINDS)}")
@@ -46,12 +57,11 @@ def create_driver(kind: str, stream: str, config: Mapping[str, Any], clock: Cloc
                           "'camera.front'")
     if not isinstance(config, Mapping):
         raise ConfigError(f"config for stream {stream!r} is {config!r}, expected a table")
-    module_name, driver_name, config_name = _KINDS[kind]
+    module_name, _, config_name = _KINDS[kind]
     module = importlib.import_module(module_name)
     parsed = parse_config(getattr(module, config_name), stream, config,
                           where=f"{kind} driver for stream {stream!r}")
-    driver: Driver = getattr(module, driver_name)(parsed, clock)
-    return driver
+    return module, parsed
 
 
 def parse_config(cls: type, stream: str, config: Mapping[str, Any], where: str) -> Any:

@@ -115,8 +115,12 @@ class Window:
 
 @dataclass
 class StreamStats:
+    """Per-stream counters. `evicted` is normal rotation of a full ring; samples actually
+    lost are `too_old` (arrived older than anything kept), `seq_gaps` (lost upstream) and
+    `duplicates` (delivered twice, kept once)."""
+
     received: int = 0
-    dropped_full: int = 0
+    evicted: int = 0
     duplicates: int = 0
     too_old: int = 0
     seq_gaps: int = 0
@@ -231,7 +235,7 @@ class AlignmentBuffer:
                     stats.too_old += 1
                     return False
                 del ring.keys[0], ring.items[0]
-                stats.dropped_full += 1
+                stats.evicted += 1
                 index -= 1
             ring.keys.insert(index, key)
             ring.items.insert(index, msg)

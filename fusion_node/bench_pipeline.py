@@ -98,7 +98,7 @@ def run_pipeline_bench(duration_s: float = 20.0) -> dict[str, Any]:
         "publish_minus_deadline": health["publish_jitter"],
         "arrival_after_deadline": arrivals,
         "node_cpu_fraction_of_one_core": round(cpu_s / wall_s, 3),
-        "streams": {s: {"received": v["received"], "dropped_full": v["dropped_full"],
+        "streams": {s: {"received": v["received"], "evicted": v["evicted"],
                         "seq_gaps": v["seq_gaps"]} for s, v in health["streams"].items()},
     }
 

@@ -109,6 +109,11 @@ class Node:
                 buffer=self.buffer, publisher=publisher))
 
     async def _start_driver_processes(self, run_dir: Path) -> list[str]:
+        from drivers.registry import check_driver_config
+
+        # A bad launch file fails here, with the key named, not later in a child process.
+        for driver in self.config.drivers:
+            check_driver_config(driver.kind, driver.stream, driver.config)
         endpoints = []
         for driver in self.config.drivers:
             if not driver.process:
@@ -271,6 +276,7 @@ class Node:
             "unknown_streams": dict(self.buffer.unknown_streams),
             "engines": {r.name: r.stats.summary() for r in self.runners},
             "publish_jitter": publisher.jitter_ns.summary() if publisher else {},
+            "publisher_priority": publisher.priority if publisher else "",
             "drivers": drivers,
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }

@@ -209,7 +209,7 @@ def test_ring_is_bounded_and_counts_drops():
     for chunk in audio_chunks(20):
         buf.push(chunk)
     stats = buf.stats["audio.mic"]
-    assert stats.dropped_full == 12 and stats.received == 20
+    assert stats.evicted == 12 and stats.received == 20
     # An old sample arriving after the ring moved on is refused, not stored.
     assert not buf.push(audio_chunks(1)[0])
     assert stats.too_old == 1

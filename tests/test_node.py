@@ -289,3 +289,15 @@ def test_config_errors_name_the_problem(text, message):
     with pytest.raises(ConfigError) as info:
         parse_config(text, "t")
     assert message in str(info.value)
+
+
+def test_shipped_launch_files_are_valid():
+    from pathlib import Path
+
+    from drivers.registry import check_driver_config
+
+    paths = sorted(Path(__file__).parent.parent.joinpath("launch").glob("*.toml"))
+    assert paths
+    for path in paths:
+        for driver in load_config(path).drivers:
+            check_driver_config(driver.kind, driver.stream, driver.config)

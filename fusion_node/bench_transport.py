@@ -12,7 +12,7 @@ Both stamps are CLOCK_MONOTONIC, which every process on the host shares, so the 
 the one-way latency. Messages are paced (one every 1-2 ms) so the figures measure latency,
 not queueing; the first `warmup` messages of each path are discarded. The receiver is a
 plain thread blocked in `recv_multipart`, as a control loop would be (a `zmq.asyncio`
-receiver adds 60-90 µs, see FACTS).
+receiver adds 60-90 µs per message on the 2-core machines this was planned on).
 
 Run `python -m fusion_node.bench_transport` (or `fusion-node bench transport --json`); it
 prints one JSON object.
@@ -143,10 +143,9 @@ class _Receiver:
     def join(self, timeout_s: float) -> None:
         self._thread.join(timeout_s)
 
-    def close(self) -> None:
-        self._socket.close(linger=0)
-
     def _run_blocking(self) -> None:
+        # The thread owns the socket from here on and closes it; terminating the context
+        # from the main thread wakes a blocked recv with ETERM.
         try:
             self._wait_for_probe_blocking()
             self._socket.setsockopt(zmq.RCVTIMEO, _RECV_TIMEOUT_MS)
@@ -155,6 +154,8 @@ class _Receiver:
             self.error = f"no message for {_RECV_TIMEOUT_MS} ms"
         except Exception as exc:  # reported by run_transport_bench, not lost in a thread
             self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._socket.close(linger=0)
 
     def _wait_for_probe_blocking(self) -> None:
         deadline = time.monotonic() + _START_TIMEOUT_S
@@ -226,7 +227,6 @@ def run_transport_bench(count: int = 2000, warmup: int = 100, endpoint: str | No
             if sender.is_alive():
                 sender.terminate()
                 sender.join(5)
-            receiver.close()
             context.term()
     if sender.exitcode != 0 or not receiver.finished:
         raise FusionError(f"transport bench failed: sender exit code {sender.exitcode}, "

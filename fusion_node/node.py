@@ -9,13 +9,13 @@ drivers, and publishes `node.health`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import resource
 import sys
 import tempfile
 import threading
-from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ from fusion_node.clock import Clock, MonotonicClock
 from fusion_node.config import EngineConfig, NodeConfig
 from fusion_node.errors import ConfigError, EndOfStream, FusionError
 from fusion_node.protocol import Health, Prediction
-from fusion_node.scheduling import Binding, DeadlinePublisher, EngineRunner
+from fusion_node.scheduling import (Binding, DeadlinePublisher, EngineRunner,
+                                    realtime_context)
 from fusion_node.transport import Publisher, Subscriber
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Node:
                  context: zmq.Context | None = None) -> None:
         self.config = config
         self.clock = clock or MonotonicClock()
-        self._context = context or zmq.Context()
+        self._context = context or realtime_context()
         self._owns_context = context is None
         self.buffer = AlignmentBuffer(config.capacities())
         self.runners: list[EngineRunner] = []
@@ -201,6 +202,13 @@ class Node:
                     for d in self.config.drivers if not d.process]
                 self._start_thread("publisher", publisher.run_blocking)
                 await self._wait_for_streams()
+                # The first health report pays one-off costs (numpy's first percentile took
+                # 40 ms holding the GIL); pay them before the engines' first deadline.
+                self.health()
+                # Objects alive after start-up (models, modules) live until exit; freezing
+                # them keeps the collector's full passes, which hold the GIL, short.
+                gc.collect()
+                gc.freeze()
                 for runner in self.runners:
                     self._start_thread(f"engine {runner.name}", runner.run_blocking)
                 background.append(tasks.create_task(self._publish_health(), name="health"))
@@ -252,7 +260,7 @@ class Node:
         elapsed_s = (now - last_ns) / 1e9 if last_ns else 0.0
         streams = {}
         for stream, stats in self.buffer.stats.items():
-            entry = asdict(stats)
+            entry = dict(vars(stats))
             previous = last_counts.get(stream, 0)
             entry["rate_hz"] = round((stats.received - previous) / elapsed_s, 2) \
                 if elapsed_s else 0.0

@@ -146,6 +146,9 @@ _SAMPLE_INDEX_KEY = b"\xacsample_index\xd3"
 _SEQ_T = struct.Struct(">5sq14sq")  # frame, joints: seq, t_capture_ns
 _SEQ_T_INDEX = struct.Struct(">5sq14sq14sq")  # audio: seq, t_capture_ns, sample_index
 _MAX_LAYOUTS = 1024  # audio chunks of varying length make new layouts; keep caches bounded
+# The builtin float64 descriptor, identical to '<f8' only on a little-endian host; on any
+# other host the identity test in encode fails and the general path converts.
+_F64 = np.dtype("<f8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,11 +235,19 @@ def encode(msg: Message) -> list[Part]:
         return [layout.topic, _header(layout, msg.seq, msg.t_capture_ns, msg.sample_index),
                 _wire(samples, layout.dtype)]
     if isinstance(msg, JointState):
-        # np.array of three rows is ~4x cheaper than np.stack and still refuses ragged rows.
-        state = np.array((msg.position, msg.velocity, msg.effort), dtype="<f8")
-        layout = _layout("joints", msg.stream, "float64", state.shape, tuple(msg.names))
-        return [layout.topic, _header(layout, msg.seq, msg.t_capture_ns),
-                _wire(state, layout.dtype)]
+        position, velocity, effort = msg.position, msg.velocity, msg.effort
+        if (type(position) is np.ndarray and type(velocity) is np.ndarray
+                and type(effort) is np.ndarray and position.dtype is _F64
+                and velocity.dtype is _F64 and effort.dtype is _F64 and position.ndim == 1
+                and position.shape == velocity.shape == effort.shape):
+            # Three row copies: about half the time of np.array's generic row discovery.
+            payload: Part = position.tobytes() + velocity.tobytes() + effort.tobytes()
+            shape = (3, len(position))
+        else:  # converts the dtype; refuses ragged rows
+            state = np.array((position, velocity, effort), dtype="<f8")
+            payload, shape = _wire(state, state.dtype), state.shape
+        layout = _layout("joints", msg.stream, "float64", shape, tuple(msg.names))
+        return [layout.topic, _header(layout, msg.seq, msg.t_capture_ns), payload]
     if isinstance(msg, Prediction):
         specs = []
         payload = []
@@ -441,8 +452,11 @@ def _decode_known(raw_topic: bytes, raw_header: memoryview, part: Buffer,
                   t_receive_ns: int) -> Message | None:
     """Decode a header that matches a remembered layout, or return None."""
     n = raw_header.nbytes
-    layout = (_KNOWN.get(bytes(raw_header[:n - _SEQ_T.size]))
-              or _KNOWN.get(bytes(raw_header[:n - _SEQ_T_INDEX.size])))
+    if n <= _SEQ_T_INDEX.size:
+        return None
+    # Both suffixes start with fixstr "seq" (0xa3); where it sits says which one to try.
+    size = _SEQ_T.size if raw_header[n - _SEQ_T.size] == 0xA3 else _SEQ_T_INDEX.size
+    layout = _KNOWN.get(bytes(raw_header[:n - size]))
     if (layout is None or raw_topic != layout.topic
             or n != len(layout.prefix) + layout.suffix.size):
         return None

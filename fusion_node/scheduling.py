@@ -22,6 +22,7 @@ from fractions import Fraction
 from typing import Any, Callable, Protocol
 
 import numpy as np
+import zmq
 
 from fusion_node.alignment import AlignmentBuffer, InputSpec, Window
 from fusion_node.clock import Clock
@@ -60,7 +61,8 @@ class Binding(Protocol):
 def raise_thread_priority() -> str:
     """Give the calling thread real-time priority if allowed (root or CAP_SYS_NICE), else a
     lower nice value if allowed; returns what was granted. Publishing on time must win the
-    core over inference, which has slack until its deadline."""
+    core over inference, which has slack until its deadline. (Making inference nicer
+    instead let every other process on the host slow it into deadline misses.)"""
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(_PUBLISHER_RT_PRIORITY))
         return f"SCHED_FIFO {_PUBLISHER_RT_PRIORITY}"
@@ -73,10 +75,32 @@ def raise_thread_priority() -> str:
         return "default"
 
 
-def lower_thread_priority() -> None:
-    """Make the calling thread yield to the publisher and receiver (always allowed)."""
-    tid = threading.get_native_id()
-    os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + _NICE_STEP)
+def realtime_allowed() -> bool:
+    """Whether this process may use SCHED_FIFO, tried on a throwaway thread."""
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(_PUBLISHER_RT_PRIORITY))
+            result.append(True)
+        except (PermissionError, OSError):
+            result.append(False)
+
+    thread = threading.Thread(target=attempt, name="realtime probe")
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def realtime_context() -> zmq.Context:
+    """A ZeroMQ context whose I/O threads, which do the actual sending and receiving, run
+    at the publisher's real-time priority when that is allowed."""
+    context = zmq.Context()
+    # libzmq aborts the process if it cannot apply these, so set them only when allowed.
+    if realtime_allowed():
+        context.set(zmq.THREAD_SCHED_POLICY, os.SCHED_FIFO)
+        context.set(zmq.THREAD_PRIORITY, _PUBLISHER_RT_PRIORITY)
+    return context
 
 
 class LatencyStats:
@@ -147,7 +171,8 @@ class DeadlinePublisher:
             self._changed.notify()
 
     def run_blocking(self) -> None:
-        """Publish until stopped; messages still queued at stop are sent at once."""
+        """Publish until stopped. Messages queued at stop still go out at their deadlines,
+        at most one engine latency later: a prediction is never published early."""
         self.priority = raise_thread_priority()
         while True:
             with self._changed:
@@ -158,12 +183,11 @@ class DeadlinePublisher:
                     continue
                 deadline_ns = self._queue[0][0]
                 remaining = deadline_ns - self._clock.now_ns()
-                if remaining > _WAKE_MARGIN_NS and not self._stopping:
+                if remaining > _WAKE_MARGIN_NS:
                     self._changed.wait(min(_MAX_WAIT_S, (remaining - _WAKE_MARGIN_NS) / 1e9))
                     continue
                 _, _, msg = heapq.heappop(self._queue)
-            if not self._stopping:
-                self._clock.sleep_until(deadline_ns)
+            self._clock.sleep_until(deadline_ns)
             self._publish(msg, deadline_ns)
 
     def _publish(self, msg: Message, deadline_ns: int) -> None:
@@ -219,7 +243,6 @@ class EngineRunner:
 
     def run_blocking(self, start_ns: int | None = None) -> None:
         """Tick until stopped."""
-        lower_thread_priority()
         k = self._grid.first_at_or_after(self._clock.now_ns() if start_ns is None else start_ns)
         while not self._stop.is_set():
             t_ref_ns = self._grid.t_ref_ns(k)

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import zmq
 
-from fusion_node import protocol
 from fusion_node.clock import MonotonicClock
 from fusion_node.errors import ProtocolError
 from fusion_node.protocol import (
@@ -152,6 +151,14 @@ def test_big_endian_and_strided_arrays_go_out_little_endian_c_order() -> None:
     parts = encode(AudioChunk("audio.mic0", 0, 0, 16_000, 0, samples))
     assert bytes(parts[2]) == np.ascontiguousarray(samples, "<f4").tobytes()
     np.testing.assert_array_equal(decode(parts).samples, samples)
+
+
+def test_joint_rows_of_other_types_go_out_as_float64() -> None:
+    for rows in ([0.5, 1.0, 2.0], np.arange(3, dtype=np.float32), np.arange(6.0)[::2]):
+        got = decode(encode(JointState("joints.arm", 0, 0, NAMES, rows, rows, rows)))
+        assert got.position.dtype == np.float64 and got.effort.tolist() == list(rows)
+    with pytest.raises(ValueError):  # ragged rows are a caller's bug, not a wire message
+        encode(JointState("joints.arm", 0, 0, NAMES, np.zeros(3), np.zeros(2), np.zeros(3)))
 
 
 def test_empty_arrays_round_trip() -> None:

@@ -1,0 +1,28 @@
+"""The transport bench runs end to end and reports well-formed numbers (never checks speed)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from fusion_node.bench_transport import KINDS, run_transport_bench
+
+
+def test_transport_bench_reports_every_kind_and_path() -> None:
+    result = run_transport_bench(count=100, warmup=10)
+    json.dumps(result, allow_nan=False)  # one plain JSON object
+    assert result["bench"] == "transport"
+    assert result["count"] == 100 and result["warmup"] == 10
+    assert result["endpoint"] == "ipc"
+    assert set(result["kinds"]) == set(KINDS)
+    for kind, report in result["kinds"].items():
+        assert report["payload_bytes"] > 0 and report["interval_us"] > 0
+        for path in ("ours", "raw"):
+            stats = report[path]
+            # Paced sends over ipc with an unlimited high-water mark: nothing is dropped.
+            assert stats["count"] == 100, (kind, path)
+            assert 0 < stats["p50_us"] <= stats["p99_us"], (kind, path)
+            assert math.isfinite(stats["p99_us"])
+        for ratio in ("ratio_p50", "ratio_p99"):
+            assert math.isfinite(report[ratio]) and report[ratio] > 0
+    assert result["kinds"]["frame"]["payload_bytes"] == 640 * 480 * 3

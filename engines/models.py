@@ -28,8 +28,8 @@ __all__ = [
 
 D_MODEL = 128
 HEADS = 4
-LAYERS = 4
-FF_DIM = 512
+LAYERS = 3
+FF_DIM = 256
 
 AUDIO_FRAMES = 64  # log-mel frames, 10 ms hop: 0.64 s
 N_MELS = 40

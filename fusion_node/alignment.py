@@ -195,7 +195,8 @@ class _SampleRing:
             slots = wanted & self.mask
             valid = self.index[slots] == wanted
             out = self.samples[slots]
-        out[~valid] = 0.0
+        if not valid.all():
+            out[~valid] = 0.0
         return out, valid
 
 
@@ -316,7 +317,7 @@ def _audio(ring: _Ring, t_ref_ns: int, spec: AudioInput) -> AudioSpan | str:
     recent = ring.items[max(0, anchor_at - _ORIGIN_CHUNKS + 1):anchor_at + 1]
     origins = [o for o in (_index_origin_ns(c) for c in recent if isinstance(c, AudioChunk))
                if abs(o - samples.origin_ns) <= _CONSISTENCY_NS]
-    origin_ns = int(np.median(origins))
+    origin_ns = sorted(origins)[len(origins) // 2]
     end = (t_ref_ns - origin_ns) * sr // 1_000_000_000 + 1
     start = end - spec.samples
     out, valid = samples.read(start, end)

@@ -27,6 +27,11 @@ class Clock(Protocol):
 _SPIN_NS = 300_000
 
 
+def thread_cpu_ns() -> int:
+    """CPU time the calling thread has used: what a piece of work costs, without its waits."""
+    return time.thread_time_ns()
+
+
 class MonotonicClock:
     """CLOCK_MONOTONIC in nanoseconds, shared by every process on the host."""
 

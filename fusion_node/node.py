@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 HEALTH_TOPIC = "node.health"
 # A Python thread waiting for the GIL gets it after at most this long; the default 5 ms
 # would let a busy preprocessing thread delay a publish by up to 5 ms.
-_SWITCH_INTERVAL_S = 0.0002
+_SWITCH_INTERVAL_S = 0.001
 _DRIVER_STOP_TIMEOUT_S = 3.0
 _THREAD_JOIN_TIMEOUT_S = 2.0
 
@@ -282,7 +282,8 @@ class Node:
             "rejected": dict(subscriber.rejected) if subscriber else {},
             "last_rejection": subscriber.last_error if subscriber else "",
             "unknown_streams": dict(self.buffer.unknown_streams),
-            "engines": {r.name: r.stats.summary() for r in self.runners},
+            "engines": {r.name: {**r.stats.summary(), "priority": r.priority}
+                        for r in self.runners},
             "publish_jitter": publisher.jitter_ns.summary() if publisher else {},
             "publisher_priority": publisher.priority if publisher else "",
             "drivers": drivers,

@@ -11,10 +11,10 @@ control loop sees a constant delay. Finishing after the deadline publishes at on
 from __future__ import annotations
 
 import heapq
-import math
-import os
 import itertools
 import logging
+import math
+import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,7 +25,7 @@ import numpy as np
 import zmq
 
 from fusion_node.alignment import AlignmentBuffer, InputSpec, Window
-from fusion_node.clock import Clock
+from fusion_node.clock import Clock, thread_cpu_ns
 from fusion_node.errors import FusionError
 from fusion_node.protocol import Message, Prediction, encode
 
@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 # The publisher wakes this long before a deadline and sleeps precisely for the rest;
 # a prediction scheduled inside this margin for an earlier deadline waits its turn.
 _WAKE_MARGIN_NS = 1_000_000
-_PUBLISHER_RT_PRIORITY = 10
+PUBLISHER_RT_PRIORITY = 10
+ENGINE_RT_PRIORITY = 5
 _NICE_STEP = 5
 # Bounded poll so a replay clock (whose time is not wall time) is re-checked often.
 _MAX_WAIT_S = 0.005
@@ -58,14 +59,18 @@ class Binding(Protocol):
                window: Window) -> tuple[dict[str, Any], dict[str, np.ndarray]]: ...
 
 
-def raise_thread_priority() -> str:
+def raise_thread_priority(rt_priority: int = PUBLISHER_RT_PRIORITY) -> str:
     """Give the calling thread real-time priority if allowed (root or CAP_SYS_NICE), else a
-    lower nice value if allowed; returns what was granted. Publishing on time must win the
-    core over inference, which has slack until its deadline. (Making inference nicer
-    instead let every other process on the host slow it into deadline misses.)"""
+    lower nice value if allowed; returns what was granted.
+
+    The publisher gets the highest priority: publishing on time must win the core. Engine
+    runners get a lower real-time one, so that driver processes and other programs on the
+    host cannot stretch an inference past its deadline (inference uses ~15% of one core;
+    Linux's real-time throttling keeps a share for everything else).
+    """
     try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(_PUBLISHER_RT_PRIORITY))
-        return f"SCHED_FIFO {_PUBLISHER_RT_PRIORITY}"
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(rt_priority))
+        return f"SCHED_FIFO {rt_priority}"
     except (PermissionError, OSError):
         pass
     try:
@@ -81,7 +86,7 @@ def realtime_allowed() -> bool:
 
     def attempt() -> None:
         try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(_PUBLISHER_RT_PRIORITY))
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(PUBLISHER_RT_PRIORITY))
             result.append(True)
         except (PermissionError, OSError):
             result.append(False)
@@ -99,7 +104,7 @@ def realtime_context() -> zmq.Context:
     # libzmq aborts the process if it cannot apply these, so set them only when allowed.
     if realtime_allowed():
         context.set(zmq.THREAD_SCHED_POLICY, os.SCHED_FIFO)
-        context.set(zmq.THREAD_PRIORITY, _PUBLISHER_RT_PRIORITY)
+        context.set(zmq.THREAD_PRIORITY, PUBLISHER_RT_PRIORITY)
     return context
 
 
@@ -132,6 +137,7 @@ class EngineStats:
     errors: int = 0
     last_error: str = ""
     window_ns: LatencyStats = field(default_factory=LatencyStats)
+    window_cpu_ns: LatencyStats = field(default_factory=LatencyStats)
     infer_ns: LatencyStats = field(default_factory=LatencyStats)
     ready_after_ref_ns: LatencyStats = field(default_factory=LatencyStats)
 
@@ -140,7 +146,8 @@ class EngineStats:
                 "missing_required": self.missing_required, "last_missing": self.last_missing,
                 "deadline_misses": self.deadline_misses, "skipped_ticks": self.skipped_ticks,
                 "errors": self.errors, "last_error": self.last_error,
-                "window": self.window_ns.summary(), "infer": self.infer_ns.summary(),
+                "window": self.window_ns.summary(), "window_cpu": self.window_cpu_ns.summary(),
+                "infer": self.infer_ns.summary(),
                 "ready_after_ref": self.ready_after_ref_ns.summary()}
 
 
@@ -237,12 +244,14 @@ class EngineRunner:
         self._stop = threading.Event()
         self._seq = 0
         self.stats = EngineStats()
+        self.priority = "default"
 
     def stop(self) -> None:
         self._stop.set()
 
     def run_blocking(self, start_ns: int | None = None) -> None:
         """Tick until stopped."""
+        self.priority = raise_thread_priority(ENGINE_RT_PRIORITY)
         k = self._grid.first_at_or_after(self._clock.now_ns() if start_ns is None else start_ns)
         while not self._stop.is_set():
             t_ref_ns = self._grid.t_ref_ns(k)
@@ -262,7 +271,10 @@ class EngineRunner:
         """Run one tick for sensor time t_ref; returns the scheduled prediction, if any."""
         self.stats.ticks += 1
         t_window_start = self._clock.now_ns()
+        # CPU time is the window's cost; wall time adds waits for the GIL and the cores.
+        cpu_start_ns = thread_cpu_ns()
         window = self._buffer.window(t_ref_ns, self.binding.spec)
+        self.stats.window_cpu_ns.add(thread_cpu_ns() - cpu_start_ns)
         self.stats.window_ns.add(self._clock.now_ns() - t_window_start)
         if window.missing_required:
             self.stats.missing_required += 1

@@ -34,7 +34,7 @@ def test_vocabulary() -> None:
 @pytest.mark.parametrize(("name", "cls", "inputs", "outputs"), ARCHITECTURES)
 def test_size_shapes_and_seeded_init(name, cls, inputs, outputs) -> None:
     model = cls(seed=0)
-    assert 700_000 <= sum(p.numel() for p in model.parameters()) <= 1_500_000
+    assert 400_000 <= sum(p.numel() for p in model.parameters()) <= 1_500_000
     result = _run(model, models.random_feeds(inputs, np.random.default_rng(0)))
     assert {k: v.shape for k, v in result.items()} == outputs
     assert list(result) == list(outputs)

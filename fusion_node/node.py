@@ -29,7 +29,7 @@ from fusion_node.clock import Clock, MonotonicClock
 from fusion_node.config import EngineConfig, NodeConfig
 from fusion_node.errors import ConfigError, EndOfStream, FusionError
 from fusion_node.protocol import Health, Prediction
-from fusion_node.scheduling import (Binding, DeadlinePublisher, EngineRunner,
+from fusion_node.scheduling import (Binding, DeadlinePublisher, EngineRunner, PredictionSink,
                                     realtime_context)
 from fusion_node.transport import Publisher, Subscriber
 
@@ -72,6 +72,25 @@ def make_binding(engine: EngineConfig, config: NodeConfig) -> Binding:
                           f"{exc.args[0]!r}") from None
 
 
+def build_engine_runners(config: NodeConfig, clock: Clock, buffer: AlignmentBuffer,
+                         sink: PredictionSink) -> list[EngineRunner]:
+    """Load, warm up and bind every configured engine. The live node and offline replay
+    both build their engines here, so a replay runs exactly what the robot ran."""
+    from engines.onnxruntime_backend import OnnxRuntimeEngine
+
+    runners = []
+    for engine_config in config.engines:
+        engine = OnnxRuntimeEngine(model_path(engine_config.model), name=engine_config.name,
+                                   intra_op_threads=engine_config.intra_op_threads)
+        engine.warm_up()
+        runners.append(EngineRunner(
+            name=engine_config.name, topic=engine_config.topic, engine=engine,
+            binding=make_binding(engine_config, config), rate_hz=engine_config.rate_hz,
+            latency_ns=engine_config.latency_ns, align_delay_ns=engine_config.align_delay_ns,
+            clock=clock, buffer=buffer, sink=sink))
+    return runners
+
+
 class Node:
     def __init__(self, config: NodeConfig, clock: Clock | None = None,
                  context: zmq.Context | None = None) -> None:
@@ -94,20 +113,6 @@ class Node:
         self.ready = asyncio.Event()
 
     # -- start-up ---------------------------------------------------------------------------
-
-    def _load_engines(self, publisher: DeadlinePublisher) -> None:
-        from engines.onnxruntime_backend import OnnxRuntimeEngine
-
-        for engine_config in self.config.engines:
-            engine = OnnxRuntimeEngine(model_path(engine_config.model), name=engine_config.name,
-                                       intra_op_threads=engine_config.intra_op_threads)
-            engine.warm_up()
-            self.runners.append(EngineRunner(
-                name=engine_config.name, topic=engine_config.topic, engine=engine,
-                binding=make_binding(engine_config, self.config),
-                rate_hz=engine_config.rate_hz, latency_ns=engine_config.latency_ns,
-                align_delay_ns=engine_config.align_delay_ns, clock=self.clock,
-                buffer=self.buffer, publisher=publisher))
 
     async def _start_driver_processes(self, run_dir: Path) -> list[str]:
         from drivers.registry import check_driver_config
@@ -190,7 +195,8 @@ class Node:
         self.publisher = publisher
         try:
             async with asyncio.TaskGroup() as tasks:
-                self._load_engines(publisher)
+                self.runners = build_engine_runners(self.config, self.clock, self.buffer,
+                                                    publisher)
                 endpoints = await self._start_driver_processes(run_dir)
                 endpoints += self.config.connect
                 self.subscriber = Subscriber(self._context, endpoints, self.clock)

@@ -108,6 +108,12 @@ def realtime_context() -> zmq.Context:
     return context
 
 
+class PredictionSink(Protocol):
+    """Where a runner hands its predictions: the deadline publisher, or a replay."""
+
+    def schedule(self, msg: Message, deadline_ns: int) -> None: ...
+
+
 class LatencyStats:
     """The most recent `size` values (ns) and their percentiles in ms."""
 
@@ -226,7 +232,7 @@ class EngineRunner:
 
     def __init__(self, *, name: str, topic: str, engine: Engine, binding: Binding,
                  rate_hz: float, latency_ns: int, align_delay_ns: int, clock: Clock,
-                 buffer: AlignmentBuffer, publisher: DeadlinePublisher) -> None:
+                 buffer: AlignmentBuffer, sink: PredictionSink) -> None:
         if not 0 <= align_delay_ns < latency_ns:
             raise FusionError(f"engine {name!r}: align delay {align_delay_ns} ns must be below "
                               f"its latency {latency_ns} ns")
@@ -240,7 +246,7 @@ class EngineRunner:
         self._grid = TickGrid(rate_hz)
         self._clock = clock
         self._buffer = buffer
-        self._publisher = publisher
+        self._sink = sink
         self._stop = threading.Event()
         self._seq = 0
         self.stats = EngineStats()
@@ -309,5 +315,5 @@ class EngineRunner:
                    "t_infer_end_ns": t_infer_end_ns, "t_ready_ns": ready_ns})
         self._seq += 1
         self.stats.published += 1
-        self._publisher.schedule(prediction, deadline_ns)
+        self._sink.schedule(prediction, deadline_ns)
         return prediction

@@ -76,7 +76,7 @@ def speech_runner(clock: ReplayClock, publisher: DeadlinePublisher,
     binding = SpeechBinding("audio.mic0", "camera.front", (256, 272, 128, 96))
     return EngineRunner(name="speech", topic="pred.speech", engine=engine, binding=binding,
                         rate_hz=30, latency_ns=40 * MS, align_delay_ns=16 * MS, clock=clock,
-                        buffer=buffer, publisher=publisher)
+                        buffer=buffer, sink=publisher)
 
 
 def audio_buffer() -> AlignmentBuffer:

@@ -1,0 +1,94 @@
+# SPDX-License-Identifier: Apache-2.0
+"""End-to-end check that docs/protocol.md suffices: run the node, read it with
+examples/spec_subscriber.py (written from the spec alone), and compare what arrives with
+what the spec says about the prediction topics (section 5.6)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBSCRIBER = ROOT / "examples" / "spec_subscriber.py"
+LATENCY_NS = {"pred.speech": 40_000_000, "pred.action": 30_000_000}  # section 5.6
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, node: subprocess.Popen, timeout: float) -> None:
+    """Retry a plain TCP connect until the node's PUB socket is bound."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert node.poll() is None, f"node exited early with {node.returncode}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"node did not bind port {port} within {timeout} s")
+
+
+def _stop(node: subprocess.Popen) -> tuple[int, str]:
+    if node.poll() is None:
+        node.send_signal(signal.SIGTERM)
+    try:
+        _, err = node.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        node.kill()
+        _, err = node.communicate()
+        raise AssertionError(f"node did not exit within 15 s of SIGTERM\n{err}") from None
+    return node.returncode, err
+
+
+def test_spec_subscriber_reads_the_node() -> None:
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    node = subprocess.Popen(
+        [sys.executable, "-m", "fusion_node.cli", "--log-level", "WARNING", "run",
+         "--duration", "8", "--pub", endpoint],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _wait_listening(int(endpoint.rsplit(":", 1)[1]), node, timeout=6.0)
+        sub = subprocess.run(
+            [sys.executable, str(SUBSCRIBER), "--endpoint", endpoint, "--topics", "pred.",
+             "--count", "40", "--timeout", "10"],
+            cwd=ROOT, capture_output=True, text=True, timeout=30,
+        )
+    finally:
+        node_rc, node_err = _stop(node)
+
+    context = f"subscriber stderr:\n{sub.stderr[-4000:]}\nnode stderr:\n{node_err[-4000:]}"
+    assert sub.returncode == 0, context
+    lines = [json.loads(line) for line in sub.stdout.splitlines() if line.strip()]
+    assert len(lines) >= 40, context
+    topics = {line["topic"] for line in lines}
+    assert {"pred.speech", "pred.action"} <= topics, (topics, context)
+
+    for line in lines:
+        topic = line["topic"]
+        assert line["t_publish_ns"] >= line["deadline_ns"], line
+        assert line["deadline_ns"] - line["t_ref_ns"] == LATENCY_NS[topic], line
+        arrays = {a["name"]: a for a in line["arrays"]}
+        if topic == "pred.action":
+            assert arrays["actions"]["shape"] == [20, 3], line
+        elif topic == "pred.speech":
+            posterior = arrays["command_posterior"]
+            assert posterior["shape"] == [17], line
+            assert abs(sum(posterior["values"]) - 1.0) <= 1e-5, line
+
+    summary = json.loads(sub.stderr.strip().splitlines()[-1])["summary"]
+    assert summary["accepted"] >= 40, summary
+    assert summary["rejected"] == 0, summary
+    # Everything else section 5 says about the topics (fields, masks, step times, ...).
+    assert summary["warnings"] == {}, context
+
+    assert node_rc == 0, f"node exited with {node_rc}\n{node_err[-4000:]}"

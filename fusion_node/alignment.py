@@ -275,6 +275,7 @@ class AlignmentBuffer:
 
 
 def _note_times(window: Window, result: Any) -> None:
+    newest: Message
     if isinstance(result, (AudioSpan, InterpolatedJoints)):
         newest = result.newest
     elif isinstance(result, FrameStack):

@@ -4,14 +4,24 @@ and how model outputs become prediction fields."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from engines.preprocess import LogMel, image_tensor, mouth_crop
 from engines.vocabulary import COMMANDS
-from fusion_node.alignment import (AudioInput, AudioSpan, FrameStack, InterpolatedJoints,
-                                   JointsInput, LatestInput, VideoInput, Window)
+from fusion_node.alignment import (
+    AudioInput,
+    AudioSpan,
+    FrameStack,
+    InputSpec,
+    InterpolatedJoints,
+    JointsInput,
+    LatestInput,
+    VideoInput,
+    Window,
+)
 from fusion_node.errors import EngineError
 from fusion_node.protocol import Frame, Prediction
 
@@ -61,7 +71,7 @@ class SpeechBinding:
         self.video_stream = video_stream
         self.logmel = LogMel(sample_rate=SPEECH_SAMPLE_RATE)
         samples = self.logmel.samples_for(SPEECH_MEL_FRAMES)
-        self.spec = (
+        self.spec: tuple[InputSpec, ...] = (
             AudioInput(audio_stream, samples, SPEECH_SAMPLE_RATE, required=True),
             VideoInput(video_stream, SPEECH_VIDEO_FRAMES, SPEECH_VIDEO_PERIOD_NS,
                        required=False, max_age_ns=2 * SPEECH_VIDEO_PERIOD_NS),
@@ -112,7 +122,7 @@ class ActionBinding:
         self.image_stream = image_stream
         self.joints_stream = joints_stream
         self.command_stream = command_stream
-        self.spec = (
+        self.spec: tuple[InputSpec, ...] = (
             VideoInput(image_stream, 1, required=False),
             JointsInput(joints_stream, required=True),
             LatestInput(command_stream, delay_ns=command_delay_ns, required=False),

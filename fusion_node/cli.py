@@ -11,7 +11,8 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from fusion_node.errors import FusionError
 

@@ -98,8 +98,10 @@ class _Table:
                               f"{getattr(kind, '__name__', kind)}")
         return value
 
-    def ms(self, key: str, default: float) -> int:
-        return int(round(self.get(key, float, default) * 1_000_000))
+    def ms(self, key: str, default: float | None = None) -> int:
+        """A duration in ms as integer ns; without a default the key is required."""
+        value = self.get(key, float) if default is None else self.get(key, float, default)
+        return round(value * 1_000_000)
 
     def done(self) -> None:
         if self._data:
@@ -144,7 +146,7 @@ def _engine(data: Any, index: int) -> EngineConfig:
     engine = EngineConfig(
         name=name, binding=binding, model=table.get("model", str),
         topic=table.get("topic", str), rate_hz=table.get("rate_hz", float),
-        latency_ns=table.ms("latency_ms", ...), align_delay_ns=table.ms("align_delay_ms", ...),
+        latency_ns=table.ms("latency_ms"), align_delay_ns=table.ms("align_delay_ms"),
         inputs=table.get("inputs", dict), params=table.get("params", dict, {}),
         intra_op_threads=table.get("intra_op_threads", int, 1))
     table.done()

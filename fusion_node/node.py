@@ -29,8 +29,13 @@ from fusion_node.clock import Clock, MonotonicClock
 from fusion_node.config import EngineConfig, NodeConfig
 from fusion_node.errors import ConfigError, EndOfStream, FusionError
 from fusion_node.protocol import Health, Prediction
-from fusion_node.scheduling import (Binding, DeadlinePublisher, EngineRunner, PredictionSink,
-                                    realtime_context)
+from fusion_node.scheduling import (
+    Binding,
+    DeadlinePublisher,
+    EngineRunner,
+    PredictionSink,
+    realtime_context,
+)
 from fusion_node.transport import Publisher, Subscriber
 
 log = logging.getLogger(__name__)
@@ -274,7 +279,7 @@ class Node:
                 if stats.last_capture_ns else None
             streams[stream] = entry
         self._last_health = (now, {s: st.received for s, st in self.buffer.stats.items()})
-        drivers = {}
+        drivers: dict[str, dict[str, Any]] = {}
         for stream, process in self.driver_processes.items():
             drivers[stream] = {"pid": process.pid, "running": process.returncode is None,
                                "exit_code": process.returncode}

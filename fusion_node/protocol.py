@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -250,18 +251,18 @@ def encode(msg: Message) -> list[Part]:
         return [layout.topic, _header(layout, msg.seq, msg.t_capture_ns), payload]
     if isinstance(msg, Prediction):
         specs = []
-        payload = []
+        arrays: list[Part] = []
         for name, array in msg.arrays.items():
             dtype_name = _wire_name(array)
             specs.append({"name": name, "dtype": dtype_name, "shape": list(array.shape)})
-            payload.append(_wire(array, DTYPES[dtype_name]))
+            arrays.append(_wire(array, DTYPES[dtype_name]))
         header = {"v": PROTOCOL_VERSION, "kind": "prediction", "stream": msg.stream,
                   "seq": msg.seq, "t_capture_ns": msg.t_ref_ns, "t_ref_ns": msg.t_ref_ns,
                   "deadline_ns": msg.deadline_ns, "t_publish_ns": msg.t_publish_ns,
                   "late": msg.late, "engine": msg.engine, "model_hash": msg.model_hash,
                   "mask": msg.mask, "fields": msg.fields, "trace": msg.trace,
                   "arrays": specs, "encoding": "raw"}
-        return [msg.stream.encode(), _pack(header), *payload]
+        return [msg.stream.encode(), _pack(header), *arrays]
     if isinstance(msg, Health):
         header = {"v": PROTOCOL_VERSION, "kind": "health", "stream": msg.stream,
                   "seq": msg.seq, "t_capture_ns": msg.t_capture_ns, "stats": msg.stats}
@@ -338,7 +339,7 @@ def _unpack_header(part: Buffer) -> dict[str, Any]:
                             f"{MAX_HEADER_BYTES}")
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types for bad bytes
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
         raise ProtocolError("bad_header", f"header is not valid msgpack ({exc})") from None
     if type(header) is not dict:
         raise ProtocolError("bad_header", f"header is a {type(header).__name__}, not a map")
@@ -402,7 +403,7 @@ def decode(parts: Sequence[Buffer], t_receive_ns: int = 0) -> Message:
                                 f"{list(array.shape)}, {encoding} needs uint8 [H, W, {channels}]")
         _remember(raw_header, _layout(kind, stream, dtype_name, array.shape, encoding), seq,
                   t_capture_ns)
-        return Frame(stream, seq, t_capture_ns, array, encoding, t_receive_ns)
+        return Frame(stream, seq, t_capture_ns, array, str(encoding), t_receive_ns)
     if kind == "audio":
         if dtype_name not in ("int16", "float32") or array.ndim != 2:
             raise ProtocolError("bad_shape", f"{_where(kind, stream)} is {dtype_name} "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 import zmq

@@ -3,8 +3,7 @@ import random
 import numpy as np
 import pytest
 
-from fusion_node.alignment import (AlignmentBuffer, AudioInput, JointsInput, LatestInput,
-                                   VideoInput)
+from fusion_node.alignment import AlignmentBuffer, AudioInput, JointsInput, LatestInput, VideoInput
 from fusion_node.protocol import AudioChunk, Frame, JointState
 
 MS = 1_000_000
@@ -18,7 +17,7 @@ def audio_chunks(count: int, chunk: int = 160, t0: int = 1_000 * MS, jitter_ns: 
     out = []
     for k in range(count):
         index = k * chunk
-        samples = ((np.arange(index, index + chunk) % 30000)).astype(np.int16)[:, None]
+        samples = (np.arange(index, index + chunk) % 30000).astype(np.int16)[:, None]
         stamp = t0 + index * 1_000_000_000 // SR + int(rng.integers(-jitter_ns, jitter_ns + 1))
         out.append(AudioChunk("audio.mic", k, stamp, SR, index, samples))
     return out

@@ -88,7 +88,7 @@ async def run_node(config, seconds: float, during=None) -> tuple[Node, Collector
 
 
 async def test_default_config_publishes_fixed_latency_predictions():
-    node, collector = await run_node(load_config(), 4.0)
+    _, collector = await run_node(load_config(), 4.0)
     speech = collector.on("pred.speech")
     action = collector.on("pred.action")
     assert len(speech) > 30 and len(action) > 25

@@ -8,12 +8,21 @@ cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
-# PortAudio backs the microphone driver; it is a system library, not a Python package.
-if ! ldconfig -p 2>/dev/null | grep -q libportaudio.so.2; then
+# System packages, installed only when missing. PortAudio backs the microphone driver; the
+# tests also build the C++ example subscriber (libzmq, cppzmq, msgpack-c headers).
+packages="libportaudio2"
+[ -n "$extras" ] && packages="$packages g++ libzmq3-dev cppzmq-dev libmsgpack-cxx-dev"
+missing=""
+for package in $packages; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+        || missing="$missing $package"
+done
+if [ -n "$missing" ]; then
     sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -qq
-    $sudo apt-get install -y -qq libportaudio2 >/dev/null
+    # shellcheck disable=SC2086
+    $sudo apt-get install -y -qq $missing >/dev/null
 fi
 
 python=${PYTHON:-python3.11}

@@ -92,3 +92,44 @@ def test_spec_subscriber_reads_the_node() -> None:
     assert summary["warnings"] == {}, context
 
     assert node_rc == 0, f"node exited with {node_rc}\n{node_err[-4000:]}"
+
+
+def _build_cpp_subscriber(out: Path) -> Path:
+    import shutil
+
+    import pytest
+
+    source = ROOT / "examples" / "cpp" / "subscriber.cpp"
+    compiler = shutil.which("g++")
+    headers = [Path("/usr/include/zmq.hpp"), Path("/usr/include/msgpack.hpp")]
+    if compiler is None or not all(h.exists() for h in headers):
+        pytest.skip("needs g++ and Debian's cppzmq-dev and libmsgpack-cxx-dev "
+                    "(scripts/setup.sh --test installs them)")
+    binary = out / "subscriber"
+    subprocess.run([compiler, "-std=c++17", "-O2", str(source), "-o", str(binary), "-lzmq"],
+                   check=True, capture_output=True, text=True)
+    return binary
+
+
+def test_cpp_subscriber_reads_the_node(tmp_path: Path) -> None:
+    binary = _build_cpp_subscriber(tmp_path)
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    node = subprocess.Popen(
+        [sys.executable, "-m", "fusion_node.cli", "--log-level", "WARNING", "run",
+         "--duration", "8", "--pub", endpoint],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _wait_listening(int(endpoint.rsplit(":", 1)[1]), node, timeout=6.0)
+        sub = subprocess.run([str(binary), endpoint, "20"], check=False, capture_output=True,
+                             text=True, timeout=30)
+    finally:
+        code, err = _stop(node)
+    assert sub.returncode == 0, sub.stderr
+    assert "rejected" not in sub.stderr
+    lines = sub.stdout.splitlines()
+    assert sum(line.startswith("pred.action seq") for line in lines) >= 5
+    assert sum(line.startswith("pred.speech seq") for line in lines) >= 5
+    # The decoded action chunk: its first joint target is printed as a float.
+    assert any(line.strip().startswith("actions[0] = ") for line in lines)
+    assert code == 0, err

@@ -1,6 +1,7 @@
 """Engines: compiled models with declared tensor inputs and outputs, and their preprocessing.
 
-The node imports `engines.base`, `engines.preprocess` and one backend module
-(`engines.onnxruntime_backend`); backends import their runtime lazily inside their own module.
+The node imports `engines.base`, `engines.preprocess`, `engines.spec` and `engines.backends`,
+which imports the one backend module a launch file asks for (`onnxruntime_backend`,
+`tensorrt_backend`, `torch_backend`); each imports its runtime inside its own module.
 `engines.models` and `engines.export` need torch and are only for building and training models.
 """

@@ -2,7 +2,13 @@
 
     python -m engines.export --out engines/models [--seed 0]
 
-writes the reference models `speech.onnx` and `action.onnx` from `engines.models`.
+writes the reference models `speech.onnx` and `action.onnx` from `engines.models`;
+
+    python -m engines.export --module pkg.mod:Class [--init '{"seed": 0}']
+        --input audio=1x64x40 --input valid=1x64 --name NAME --version V
+        [--preprocessing '{...}'] --out FILE.onnx
+
+exports any keyword-in, dict-out torch module at those fixed input shapes (float32).
 """
 
 import argparse
@@ -21,13 +27,17 @@ from torch import nn
 
 from engines import models
 from engines.preprocess import LogMel
+from engines.torch_backend import weights_sha256
 from engines.vocabulary import COMMANDS
 from fusion_node.errors import ConfigError, EngineError
+
+__all__ = ["export_onnx", "main", "verify_onnx", "weights_sha256"]
 
 OPSET = 17
 TOLERANCE = 1e-4
 # Keys export_onnx writes itself; caller metadata may not override them.
-_RESERVED = ("name", "version", "inputs", "outputs", "weights_sha256")
+_RESERVED = ("name", "version", "inputs", "outputs", "weights_sha256", "torch_module",
+             "torch_init")
 
 
 def export_onnx(
@@ -38,6 +48,7 @@ def export_onnx(
     name: str,
     version: str,
     metadata: dict[str, str],
+    init_kwargs: dict[str, object] | None = None,
 ) -> str:
     """Export `model` to `path` as ONNX and return the file's hash (16 hex digits of SHA-256).
 
@@ -45,6 +56,8 @@ def export_onnx(
     order of `example_feeds` and of that dict, with the example's fixed shapes. The file
     carries `metadata_props`: `name`, `version`, `inputs` and `outputs` (JSON lists of
     {name, shape, dtype}), `weights_sha256`, plus `metadata` (e.g. "preprocessing" as JSON).
+    With `init_kwargs` (the JSON-able arguments that rebuild the module), it also names the
+    module class (`torch_module`, `torch_init`) so the torch backend can run the same model.
     It is written only after ONNX Runtime reproduced torch on the example and random feeds
     (see `verify_onnx`), through a temporary file renamed into place, so `path` never holds an
     unverified model. Raises EngineError if export, checking or verification fails.
@@ -95,6 +108,9 @@ def export_onnx(
         "weights_sha256": weights_sha256(model),
         **metadata,
     }
+    if init_kwargs is not None:
+        props["torch_module"] = f"{type(model).__module__}:{type(model).__qualname__}"
+        props["torch_init"] = json.dumps(init_kwargs, sort_keys=True)
     # Sorted, so the serialised bytes do not depend on dict order.
     onnx.helper.set_model_props(proto, dict(sorted(props.items())))
     try:
@@ -154,16 +170,6 @@ def verify_onnx(
                 )
             worst = max(worst, error)
     return worst
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """SHA-256 over the state dict (names, dtypes, shapes, values), in name order."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        array = tensor.detach().cpu().contiguous().numpy()
-        digest.update(f"{key}:{array.dtype}:{array.shape};".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
 
 
 class _Positional(nn.Module):
@@ -263,11 +269,25 @@ def _action_preprocessing() -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Write the reference models, untrained (deterministic init from --seed), to --out."""
+    """Export the reference models (untrained, seeded) to --out, or any torch module with
+    --module."""
     parser = argparse.ArgumentParser(prog="python -m engines.export", description=main.__doc__)
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output directory (reference models) or .onnx file (--module)")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    parser.add_argument("--module", help="pkg.mod:Class of a keyword-in, dict-out module")
+    parser.add_argument("--init", default="{}", help="JSON keyword arguments for the class")
+    parser.add_argument("--input", action="append", default=[], metavar="NAME=D1xD2...",
+                        help="a float32 input and its fixed shape, in forward() order")
+    parser.add_argument("--name", help="model name (--module)")
+    parser.add_argument("--version", default="0", help="model version (--module)")
+    parser.add_argument("--preprocessing", default="{}",
+                        help="JSON: the preprocessing each input expects (--module)")
     args = parser.parse_args(argv)
+    if args.module:
+        model_hash = _export_module(args)
+        print(f"{args.out}: hash {model_hash}")
+        return
 
     version = f"0+untrained.seed{args.seed}"
     training = f"untrained: deterministic random initialisation, seed {args.seed}"
@@ -289,8 +309,35 @@ def main(argv: list[str] | None = None) -> None:
                 "preprocessing": json.dumps(preprocessing),
                 "training": training,
             },
+            init_kwargs={"seed": args.seed},
         )
         print(f"{path}: hash {model_hash}, {sum(p.numel() for p in model.parameters())} params")
+
+
+def _export_module(args: argparse.Namespace) -> str:
+    import importlib
+
+    module_name, _, class_name = args.module.partition(":")
+    try:
+        init = json.loads(args.init)
+        model = getattr(importlib.import_module(module_name), class_name)(**init)
+        json.loads(args.preprocessing)
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"export of {args.module!r}: {exc}") from exc
+    rng = np.random.default_rng(args.seed)
+    feeds = {}
+    for item in args.input:
+        input_name, _, dims = item.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.split("x"))
+        except ValueError:
+            raise ConfigError(f"export: --input {item!r} is not NAME=D1xD2...") from None
+        feeds[input_name] = rng.standard_normal(shape).astype(np.float32)
+    if not feeds:
+        raise ConfigError("export: give every input with --input NAME=D1xD2...")
+    return export_onnx(model, feeds, args.out, name=args.name or class_name,
+                       version=args.version, metadata={"preprocessing": args.preprocessing},
+                       init_kwargs=init)
 
 
 if __name__ == "__main__":

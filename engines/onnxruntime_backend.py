@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from engines.base import TensorSpec
+from engines import base
+from engines.base import TensorSpec, check_feeds, fixed_shape
 from fusion_node.errors import ConfigError, EngineError
 
 # ONNX Runtime's element type names -> numpy dtype names.
@@ -32,7 +33,13 @@ class OnnxRuntimeEngine:
     `intra_op_threads` defaults to 1 so that engines do not oversubscribe the cores. Spinning
     worker threads are off unless `allow_spinning`: at 100 Hz, 2 spinning threads burnt about
     15 ms of CPU per 10 ms period and starved the node's own thread.
+
+    A model with dynamic input dims runs once they are fixed by `input_shapes`; its output
+    shapes are then found by one run on `example_feeds` (zeros for inputs not given), which
+    are also what `warm_up` runs on.
     """
+
+    backend = "onnxruntime"
 
     def __init__(
         self,
@@ -40,6 +47,8 @@ class OnnxRuntimeEngine:
         name: str | None = None,
         intra_op_threads: int = 1,
         allow_spinning: bool = False,
+        input_shapes: dict[str, tuple[int, ...]] | None = None,
+        example_feeds: dict[str, np.ndarray] | None = None,
     ) -> None:
         path = Path(path)
         if intra_op_threads < 1:
@@ -59,6 +68,8 @@ class OnnxRuntimeEngine:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
+        # Errors only: third-party graphs (Silero VAD) log a warning per unused initializer.
+        options.log_severity_level = 3
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if allow_spinning else "0"
         )
@@ -66,19 +77,21 @@ class OnnxRuntimeEngine:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self._session = _session(data, path, options)
 
+        shapes = input_shapes or {}
+        unknown = sorted(shapes.keys() - {arg.name for arg in self._session.get_inputs()})
+        if unknown:
+            raise EngineError(f"engine model {path}: input_shapes name unknown inputs {unknown}")
         self.inputs: tuple[TensorSpec, ...] = tuple(
-            _spec(arg, path) for arg in self._session.get_inputs()
-        )
-        self.outputs: tuple[TensorSpec, ...] = tuple(
-            _spec(arg, path) for arg in self._session.get_outputs()
+            _spec(arg, path, shapes.get(arg.name)) for arg in self._session.get_inputs()
         )
         self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
-        self._input_specs = {spec.name: spec for spec in self.inputs}
-        self._output_names = [spec.name for spec in self.outputs]
+        self._output_names = [arg.name for arg in self._session.get_outputs()]
+        self._example = base.example_feeds(f"engine model {path}", self.inputs, example_feeds)
+        self.outputs: tuple[TensorSpec, ...] = self._output_specs(path)
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model once; every input must be given with its exact shape and dtype."""
-        self._check_feeds(feeds)
+        check_feeds(self.name, self.inputs, feeds)
         try:
             results = self._session.run(self._output_names, feeds)
         except Exception as exc:  # ORT's own exception types all derive from Exception
@@ -86,38 +99,19 @@ class OnnxRuntimeEngine:
         return dict(zip(self._output_names, results, strict=True))
 
     def warm_up(self, iterations: int = 3) -> None:
-        """Run `iterations` inferences on all-zero feeds."""
-        feeds = {spec.name: np.zeros(spec.shape, dtype=spec.dtype) for spec in self.inputs}
+        """Run `iterations` inferences on the example feeds (all zeros unless given)."""
         for _ in range(iterations):
-            self.infer(feeds)
+            self.infer(self._example)
 
-    def _check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
-        missing = sorted(self._input_specs.keys() - feeds.keys())
-        if missing:
-            raise EngineError(f"engine {self.name!r}: missing inputs {missing}")
-        unknown = sorted(feeds.keys() - self._input_specs.keys())
-        if unknown:
-            raise EngineError(
-                f"engine {self.name!r}: unknown inputs {unknown}; "
-                f"expected {sorted(self._input_specs)}"
-            )
-        for name, spec in self._input_specs.items():
-            array = feeds[name]
-            if not isinstance(array, np.ndarray):
-                raise EngineError(
-                    f"engine {self.name!r} input {name!r}: expected numpy array, "
-                    f"got {type(array).__name__}"
-                )
-            if array.shape != spec.shape:
-                raise EngineError(
-                    f"engine {self.name!r} input {name!r}: shape {array.shape}, "
-                    f"expected {spec.shape}"
-                )
-            if array.dtype != spec.dtype:
-                raise EngineError(
-                    f"engine {self.name!r} input {name!r}: dtype {array.dtype}, "
-                    f"expected {spec.dtype}"
-                )
+    def _output_specs(self, path: Path) -> tuple[TensorSpec, ...]:
+        args = self._session.get_outputs()
+        if all(all(isinstance(d, int) and d > 0 for d in arg.shape) for arg in args):
+            return tuple(_spec(arg, path, None) for arg in args)
+        # Dynamic output dims follow from the (now fixed) inputs: one run tells them.
+        results = self.infer(self._example)
+        return tuple(
+            TensorSpec(arg.name, results[arg.name].shape, _dtype(arg, path)) for arg in args
+        )
 
 
 def load_metadata(path: str | Path) -> dict[str, str]:
@@ -140,17 +134,36 @@ def _session(data: bytes, path: Path, options: ort.SessionOptions) -> ort.Infere
         raise EngineError(f"engine model {path}: not a loadable ONNX model: {exc}") from exc
 
 
-def _spec(arg: ort.NodeArg, path: Path) -> TensorSpec:
-    shape = tuple(arg.shape)
-    if not all(isinstance(dim, int) and dim > 0 for dim in shape):
-        raise EngineError(
-            f"engine model {path}: tensor {arg.name!r} has dynamic shape {list(arg.shape)}; "
-            "fixed shapes are required for fixed latency (fix them with "
-            "`python -m onnxruntime.tools.make_dynamic_shape_fixed`)"
-        )
+def _spec(arg: ort.NodeArg, path: Path, override: tuple[int, ...] | None) -> TensorSpec:
+    shape = fixed_shape(f"engine model {path}", arg.name, arg.shape, override)
+    return TensorSpec(arg.name, shape, _dtype(arg, path))
+
+
+def _dtype(arg: ort.NodeArg, path: Path) -> str:
     dtype = _DTYPES.get(arg.type)
     if dtype is None:
         raise EngineError(
             f"engine model {path}: tensor {arg.name!r} has unsupported type {arg.type}"
         )
-    return TensorSpec(arg.name, shape, dtype)
+    return dtype
+
+
+def describe(path: str | Path) -> dict[str, object]:
+    """A model's declared inputs and outputs (dynamic dims as their names or None) and its
+    metadata, without fixing any shape: what `fusion-node engine info` shows."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EngineError(f"engine model {path}: cannot read: {exc}") from exc
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = _session(data, path, options)
+
+    def tensors(args: list[ort.NodeArg]) -> list[dict[str, object]]:
+        return [{"name": a.name, "shape": list(a.shape), "dtype": _DTYPES.get(a.type, a.type)}
+                for a in args]
+
+    return {"inputs": tensors(session.get_inputs()), "outputs": tensors(session.get_outputs()),
+            "metadata": dict(session.get_modelmeta().custom_metadata_map)}

@@ -3,13 +3,24 @@ and how model outputs become prediction fields."""
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from engines.base import TensorSpec
 from engines.preprocess import LogMel, image_tensor, mouth_crop
+from engines.spec import (
+    AudioSource,
+    ConstantSource,
+    EngineSpec,
+    ImageSource,
+    JointsSource,
+    StateSource,
+    ValidSource,
+)
 from engines.vocabulary import COMMANDS
 from fusion_node.alignment import (
     AudioInput,
@@ -22,7 +33,7 @@ from fusion_node.alignment import (
     VideoInput,
     Window,
 )
-from fusion_node.errors import EngineError
+from fusion_node.errors import ConfigError, EngineError
 from fusion_node.protocol import Frame, Prediction
 
 SPEECH_SAMPLE_RATE = 16_000
@@ -160,3 +171,107 @@ class ActionBinding:
         fields = {"joint_names": list(joints.names), "horizon": ACTION_HORIZON,
                   "step_period_ns": ACTION_STEP_NS}
         return fields, {"actions": actions, "step_times_ns": steps}
+
+
+def _image_feature(frame: Frame, size: int) -> np.ndarray:
+    return image_tensor(frame.image, frame.encoding, size)
+
+
+class SpecBinding:
+    """A user's model bound by an engine spec (`engines.spec`): windows become feeds as the
+    spec says, bound outputs become prediction fields, and `state` inputs carry the previous
+    call's outputs from tick to tick.
+
+    `streams` maps the spec's roles to stream names; `inputs` are the engine's tensor specs
+    (shapes and dtypes the feeds are cast to). State restarts from its initial value when the
+    previous tick produced nothing (missing data, an error) or was longer than 1.5 periods
+    ago, so a recurrent model never carries state across a gap.
+    """
+
+    def __init__(self, spec: EngineSpec, streams: dict[str, str],
+                 inputs: tuple[TensorSpec, ...], period_ns: int, where: str) -> None:
+        missing = sorted(spec.roles() - streams.keys())
+        if missing:
+            raise ConfigError(f"{where}: the spec reads roles {missing}, not in its inputs "
+                              f"table {sorted(streams)}")
+        self._spec = spec
+        self._streams = streams
+        self._tensors = {t.name: t for t in inputs}
+        self._max_gap_ns = period_ns * 3 // 2
+        self._last_t_ref_ns: int | None = None
+        self._state: dict[str, np.ndarray] = {}
+        self._images: dict[str, _FrameCache] = {}
+        wanted: dict[str, InputSpec] = {}
+        for item in spec.inputs.values():
+            source = item.source
+            if isinstance(source, AudioSource):
+                window: InputSpec = AudioInput(streams[source.stream], source.samples,
+                                               source.sample_rate, required=source.required)
+            elif isinstance(source, ImageSource):
+                window = VideoInput(streams[source.stream], 1, required=source.required)
+                self._images[item.name] = _FrameCache(
+                    functools.partial(_image_feature, size=source.size), size=8)
+            elif isinstance(source, JointsSource):
+                window = JointsInput(streams[source.stream], required=True)
+            else:
+                continue
+            if wanted.setdefault(window.stream, window) != window:
+                raise ConfigError(f"{where}: stream {window.stream!r} is read twice with "
+                                  "different settings")
+        self.spec: tuple[InputSpec, ...] = tuple(wanted.values())
+
+    def feeds(self, window: Window) -> dict[str, np.ndarray]:
+        t_ref = window.t_ref_ns
+        if self._last_t_ref_ns is None or t_ref - self._last_t_ref_ns > self._max_gap_ns:
+            self._state.clear()
+        feeds = {}
+        for name, item in self._spec.inputs.items():
+            tensor = self._tensors[name]
+            value = self._value(item.source, name, tensor, window)
+            feeds[name] = np.asarray(value, tensor.dtype).reshape(tensor.shape)
+        return feeds
+
+    def _value(self, source: object, name: str, tensor: TensorSpec,
+               window: Window) -> np.ndarray:
+        if isinstance(source, AudioSource):
+            span: AudioSpan | None = window.data.get(self._streams[source.stream])
+            if span is None:
+                return np.zeros(source.count(), np.float32)
+            return source.features(span.samples)
+        if isinstance(source, ImageSource):
+            stack: FrameStack | None = window.data.get(self._streams[source.stream])
+            frame = stack.frames[-1] if stack is not None else None
+            if frame is None:
+                return np.zeros(source.count(), np.float32)
+            return self._images[name](frame)
+        if isinstance(source, JointsSource):
+            joints: InterpolatedJoints = window.data[self._streams[source.stream]]
+            return np.concatenate([getattr(joints, f) for f in source.fields])
+        if isinstance(source, ValidSource):
+            target = self._spec.inputs[source.of].source
+            assert isinstance(target, (AudioSource, ImageSource, JointsSource))  # parse_spec
+            present = window.data.get(self._streams[target.stream])
+            if isinstance(target, AudioSource):
+                if present is None:
+                    return np.zeros(target.frames(), np.float32)
+                return target.valid(present.valid)
+            if isinstance(present, FrameStack):
+                return np.array(present.frames[-1] is not None, np.float32)
+            return np.array(present is not None, np.float32)
+        if isinstance(source, StateSource):
+            state = self._state.get(source.output)
+            return state if state is not None else np.full(tensor.shape, source.initial)
+        assert isinstance(source, ConstantSource)
+        return np.broadcast_to(np.asarray(source.value, tensor.dtype), tensor.shape)
+
+    def decode(self, outputs: dict[str, np.ndarray],
+               window: Window) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        for item in self._spec.inputs.values():
+            if isinstance(item.source, StateSource):
+                self._state[item.source.output] = outputs[item.source.output]
+        self._last_t_ref_ns = window.t_ref_ns
+        fields: dict[str, Any] = {}
+        arrays: dict[str, np.ndarray] = {}
+        for name, output in self._spec.outputs.items():
+            output.decode(outputs[name], fields, arrays)
+        return fields, arrays

@@ -46,6 +46,10 @@ async def _run_node(args: argparse.Namespace) -> None:
     config = load_config(args.config)
     if args.pub:
         config = dataclasses.replace(config, pub=args.pub)
+    if getattr(args, "record", None):
+        from fusion_node.cli_log import with_record
+
+        config = with_record(config, args)
     node = Node(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -104,6 +108,14 @@ def _bench(args: argparse.Namespace) -> None:
         from fusion_node.bench_transport import run_transport_bench
 
         result = run_transport_bench(count=args.count)
+    elif args.what == "engines":
+        from fusion_node.cli_engine import run_engine_bench
+
+        result = run_engine_bench(iterations=args.iterations)
+    elif args.what == "record":
+        from fusion_node.cli_log import run_record_bench
+
+        result = run_record_bench(duration_s=args.duration)
     else:
         from fusion_node.bench_pipeline import run_pipeline_bench
 
@@ -124,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, help="stop after this many seconds")
     run.add_argument("--pub", help="endpoint for pred.* and node.health "
                      "(default tcp://127.0.0.1:5599)")
+    run.add_argument("--record", metavar="OUT.mcap", help="record sensors, predictions and "
+                     "health to an MCAP log (see `fusion-node record --help`)")
+
+    launch = commands.add_parser("launch", help="run the node from a launch file "
+                                 "(the same as run --config FILE)")
+    launch.add_argument("config", help="launch file (TOML), e.g. launch/sim.toml")
+    launch.add_argument("--duration", type=float, help="stop after this many seconds")
+    launch.add_argument("--pub", help="override the launch file's publish endpoint")
+
+    top = commands.add_parser("top", help="show node.health as a live table")
+    top.add_argument("--endpoint", default="tcp://127.0.0.1:5599")
+    top.add_argument("--once", action="store_true", help="print one table and exit")
 
     echo = commands.add_parser("echo", help="print decoded messages from a topic")
     echo.add_argument("topic", help="topic or topic prefix, e.g. pred.speech")
@@ -133,11 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--timeout", type=float, default=10.0,
                       help="fail if no message arrives for this many seconds")
 
-    bench = commands.add_parser("bench", help="measure transport or pipeline performance")
-    bench.add_argument("what", choices=("transport", "pipeline"))
+    bench = commands.add_parser("bench", help="measure transport, pipeline or engine "
+                                "performance")
+    bench.add_argument("what", choices=("transport", "pipeline", "engines", "record"))
     bench.add_argument("--json", action="store_true", help="one-line JSON")
     bench.add_argument("--count", type=int, default=2000, help="messages per kind (transport)")
-    bench.add_argument("--duration", type=float, default=20.0, help="seconds (pipeline)")
+    bench.add_argument("--duration", type=float, default=20.0,
+                       help="seconds (pipeline, record)")
+    bench.add_argument("--iterations", type=int, default=200,
+                       help="timed calls per backend (engines)")
+    from fusion_node.cli_engine import add_engine_parser
+
+    add_engine_parser(commands)
+    from fusion_node.cli_log import add_log_parsers
+
+    add_log_parsers(commands)
     return parser
 
 
@@ -146,10 +180,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "run":
+        if args.command in ("run", "launch"):
             asyncio.run(_run_node(args))
+        elif args.command == "top":
+            from fusion_node.top import run_top
+
+            run_top(args.endpoint, args.once)
         elif args.command == "echo":
             _echo(args)
+        elif args.command in ("record", "replay", "log"):
+            from fusion_node.cli_log import run_log_command
+
+            return run_log_command(args, _run_node)
+        elif args.command == "engine":
+            from fusion_node.cli_engine import run_engine_command
+
+            print(json.dumps(run_engine_command(args), indent=2))
         else:
             _bench(args)
     except FusionError as exc:

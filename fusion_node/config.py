@@ -11,7 +11,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from drivers.registry import check_driver_config
+from engines.backends import BACKENDS, PRECISIONS
+from engines.spec import load_spec_table, parse_spec
 from fusion_node.errors import ConfigError
+from fusion_node.supervisor import RestartPolicy
 
 DEFAULT_PUB = "tcp://127.0.0.1:5599"
 # Per-kind ring sizes: about 2 s of each default stream, and ~60 MB of 640x480 frames.
@@ -21,7 +25,7 @@ DRIVER_KIND_TO_SAMPLE = {
     "microphone": "audio", "wav": "audio", "sim_microphone": "audio",
     "joints_zmq": "joints", "sim_joints": "joints",
 }
-BINDINGS = ("speech", "action")
+BINDINGS = ("speech", "action", "spec")
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,24 @@ class EngineConfig:
     inputs: dict[str, str]
     params: dict[str, Any]
     intra_op_threads: int
+    # "auto": TensorRT where usable, else ONNX Runtime (engines.backends).
+    backend: str = "auto"
+    precision: str = "fp16"  # GPU backends only; the CPU runs the file's fp32
+    calibration: str | None = None  # TensorRT int8 calibration set (.npz)
+    spec: dict[str, Any] | None = None  # the engine spec table when `binding` is "spec"
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """The launch file's `[record]` table: record to an MCAP log while the node runs."""
+
+    path: str
+    topics: tuple[str, ...] = ()  # topic names or prefixes ending in '.'; empty: all
+    duration_ns: int | None = None  # stop recording after this long; None: until shutdown
+    compression: str = "lz4"
+    preview_hz: float = 10.0  # Foxglove camera preview rate; 0: no previews
+    chunk_size: int = 1 << 20  # a crash loses at most the chunk in memory...
+    flush_interval_ns: int = 1_000_000_000  # ...and at most this much time of it
 
 
 @dataclass(frozen=True)
@@ -66,8 +88,10 @@ class NodeConfig:
     startup_timeout_ns: int
     drivers: tuple[DriverConfig, ...]
     engines: tuple[EngineConfig, ...]
+    restart: RestartPolicy = RestartPolicy()
     connect: tuple[str, ...] = ()
     streams: tuple[StreamConfig, ...] = ()
+    record: RecordConfig | None = None
 
     def capacities(self) -> dict[str, int]:
         capacities = {d.stream: d.capacity for d in self.drivers}
@@ -84,8 +108,10 @@ class _Table:
             raise ConfigError(f"{where} must be a table, got {data!r}")
         self._data = dict(data)
         self._where = where
+        self._known: list[str] = []
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self._known.append(key)
         if key not in self._data:
             if default is ...:
                 raise ConfigError(f"{self._where}: missing required key {key!r}")
@@ -105,7 +131,8 @@ class _Table:
 
     def done(self) -> None:
         if self._data:
-            raise ConfigError(f"{self._where}: unknown key(s) {sorted(self._data)}")
+            raise ConfigError(f"{self._where}: unknown key(s) {sorted(self._data)}; allowed: "
+                              f"{', '.join(sorted(self._known))}")
 
 
 def _driver(data: Any, index: int) -> DriverConfig:
@@ -140,16 +167,32 @@ def _engine(data: Any, index: int) -> EngineConfig:
     table = _Table(data, f"engines[{index}]")
     name = table.get("name", str)
     where = f"engine {name!r}"
-    binding = table.get("binding", str)
+    # A user's model is bound by an engine spec (inline table or TOML file), no code.
+    spec_value = table.get("spec", (str, dict), None)
+    binding = table.get("binding", str, "spec" if spec_value is not None else ...)
     if binding not in BINDINGS:
         raise ConfigError(f"{where}: binding {binding!r} is not one of {BINDINGS}")
+    if (binding == "spec") != (spec_value is not None):
+        raise ConfigError(f"{where}: give either `spec` (an engine spec) or a built-in "
+                          f"binding {BINDINGS[:-1]}")
+    spec = load_spec_table(spec_value, where) if spec_value is not None else None
     engine = EngineConfig(
         name=name, binding=binding, model=table.get("model", str),
         topic=table.get("topic", str), rate_hz=table.get("rate_hz", float),
         latency_ns=table.ms("latency_ms"), align_delay_ns=table.ms("align_delay_ms"),
         inputs=table.get("inputs", dict), params=table.get("params", dict, {}),
-        intra_op_threads=table.get("intra_op_threads", int, 1))
+        intra_op_threads=table.get("intra_op_threads", int, 1),
+        backend=table.get("backend", str, "auto"), precision=table.get("precision", str, "fp16"),
+        calibration=table.get("calibration", str, None), spec=spec)
     table.done()
+    if engine.backend not in BACKENDS:
+        raise ConfigError(f"{where}: backend {engine.backend!r} is not one of {BACKENDS}")
+    if engine.precision not in PRECISIONS:
+        raise ConfigError(f"{where}: precision {engine.precision!r} is not one of {PRECISIONS}")
+    roles = parse_spec(spec, where).roles() if spec is not None else set()
+    if roles - engine.inputs.keys():
+        raise ConfigError(f"{where}: the spec reads roles {sorted(roles - engine.inputs.keys())}"
+                          f", not in its inputs table {sorted(engine.inputs)}")
     if engine.rate_hz <= 0:
         raise ConfigError(f"{where}: rate_hz {engine.rate_hz} must be positive")
     if not 0 <= engine.align_delay_ns < engine.latency_ns:
@@ -157,7 +200,47 @@ def _engine(data: Any, index: int) -> EngineConfig:
     return engine
 
 
+RECORD_COMPRESSIONS = ("lz4", "zstd", "none")
+
+
+def _record(data: Any) -> RecordConfig | None:
+    if data is None:
+        return None
+    table = _Table(data, "record")
+    topics = table.get("topics", list, [])
+    if not all(isinstance(t, str) for t in topics):
+        raise ConfigError(f"record.topics = {topics!r} must be a list of topic names")
+    duration_s = table.get("duration_s", float, None)
+    if duration_s is not None and duration_s <= 0:
+        raise ConfigError(f"record.duration_s = {duration_s} must be positive")
+    record = RecordConfig(
+        path=table.get("path", str), topics=tuple(topics),
+        duration_ns=None if duration_s is None else round(duration_s * 1e9),
+        compression=table.get("compression", str, "lz4"),
+        preview_hz=table.get("preview_hz", float, 10.0),
+        chunk_size=table.get("chunk_size_kb", int, 1024) * 1024,
+        flush_interval_ns=table.ms("flush_interval_ms", 1000.0))
+    table.done()
+    if record.preview_hz < 0 or record.chunk_size <= 0 or record.flush_interval_ns <= 0:
+        raise ConfigError("record: preview_hz must not be negative, chunk_size_kb and "
+                          "flush_interval_ms must be positive")
+    if record.compression not in RECORD_COMPRESSIONS:
+        raise ConfigError(f"record.compression = {record.compression!r} is not one of "
+                          f"{RECORD_COMPRESSIONS}")
+    return record
+
+
 def parse_config(text: str, source: str) -> NodeConfig:
+    """Parse a launch file; every error names the file, the key and what is allowed."""
+    try:
+        return _parse_config(text, source)
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith(source) else f"{source}: {message}") \
+            from None
+
+
+def _parse_config(text: str, source: str) -> NodeConfig:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -174,7 +257,12 @@ def parse_config(text: str, source: str) -> NodeConfig:
         pub=node.get("pub", str, DEFAULT_PUB), run_dir=node.get("run_dir", str, None),
         health_period_ns=node.ms("health_period_ms", 1000.0),
         startup_timeout_ns=node.ms("startup_timeout_ms", 10_000.0),
-        drivers=drivers, engines=engines, connect=tuple(connect), streams=external)
+        restart=RestartPolicy(
+            max_restarts=node.get("driver_max_restarts", int, 5),
+            backoff_initial_s=node.get("driver_restart_backoff_ms", float, 500.0) / 1000,
+            backoff_max_s=node.get("driver_restart_backoff_max_ms", float, 10_000.0) / 1000),
+        drivers=drivers, engines=engines, connect=tuple(connect), streams=external,
+        record=_record(root.get("record", dict, None)))
     node.done()
     root.done()
     streams = ([d.stream for d in drivers] + [e.topic for e in engines]
@@ -188,6 +276,9 @@ def parse_config(text: str, source: str) -> NodeConfig:
             if stream not in known:
                 raise ConfigError(f"engine {engine.name!r}: input {role} = {stream!r} is not a "
                                   f"configured stream ({sorted(known)})")
+    # Driver settings are checked here, so a typo fails before any process starts.
+    for driver in drivers:
+        check_driver_config(driver.kind, driver.stream, driver.config)
     return config
 
 

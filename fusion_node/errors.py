@@ -36,3 +36,7 @@ class MissingStreamError(FusionError):
 
 class EndOfStream(FusionError):
     """A finite source (a file, a log) has no more samples."""
+
+
+class ReplayError(FusionError):
+    """A log cannot be written, read, recovered, replayed or verified."""

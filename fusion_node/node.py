@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import json
 import logging
 import resource
@@ -18,13 +19,13 @@ import tempfile
 import threading
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from threadpoolctl import threadpool_limits
 
 from fusion_node.alignment import AlignmentBuffer
-from fusion_node.bindings import ActionBinding, SpeechBinding
+from fusion_node.bindings import ActionBinding, SpecBinding, SpeechBinding
 from fusion_node.clock import Clock, MonotonicClock
 from fusion_node.config import EngineConfig, NodeConfig
 from fusion_node.errors import ConfigError, EndOfStream, FusionError
@@ -36,7 +37,12 @@ from fusion_node.scheduling import (
     PredictionSink,
     realtime_context,
 )
+from fusion_node.supervisor import SupervisedProcess
+from fusion_node.systemd import SystemdNotifier
 from fusion_node.transport import Publisher, Subscriber
+
+if TYPE_CHECKING:
+    from fusion_node.recording import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +54,20 @@ _DRIVER_STOP_TIMEOUT_S = 3.0
 _THREAD_JOIN_TIMEOUT_S = 2.0
 
 
+PACKAGE_SCHEME = "package:"
+
+
 def model_path(model: str) -> Path:
-    """A reference model by name ("speech", "action") or a path to an ONNX file."""
+    """A reference model by name ("speech", "action"), a file that an installed Python
+    package ships (`package:silero_vad/data/silero_vad.onnx`), or a path to an ONNX file."""
+    if model.startswith(PACKAGE_SCHEME):
+        package, _, inner = model[len(PACKAGE_SCHEME):].partition("/")
+        # find_spec locates the package without running its __init__ (which may import torch).
+        found = importlib.util.find_spec(package) if package.isidentifier() else None
+        if found is None or not found.submodule_search_locations or not inner:
+            raise ConfigError(f"model {model!r}: no installed package {package!r} (or no file "
+                              "named after it)")
+        return Path(next(iter(found.submodule_search_locations))) / inner
     if model.endswith(".onnx") or "/" in model:
         return Path(model)
     return Path(str(resources.files("engines") / "models" / f"{model}.onnx"))
@@ -79,18 +97,34 @@ def make_binding(engine: EngineConfig, config: NodeConfig) -> Binding:
 
 def build_engine_runners(config: NodeConfig, clock: Clock, buffer: AlignmentBuffer,
                          sink: PredictionSink) -> list[EngineRunner]:
-    """Load, warm up and bind every configured engine. The live node and offline replay
+    """Load, warm up and bind every configured engine, each on its configured backend
+    ("auto": TensorRT where usable, else ONNX Runtime). The live node and offline replay
     both build their engines here, so a replay runs exactly what the robot ran."""
-    from engines.onnxruntime_backend import OnnxRuntimeEngine
+    from engines.backends import create_engine
+    from engines.spec import parse_spec
 
     runners = []
     for engine_config in config.engines:
-        engine = OnnxRuntimeEngine(model_path(engine_config.model), name=engine_config.name,
-                                   intra_op_threads=engine_config.intra_op_threads)
+        where = f"engine {engine_config.name!r}"
+        spec = parse_spec(engine_config.spec, where) if engine_config.spec is not None else None
+        engine = create_engine(
+            model_path(engine_config.model), backend=engine_config.backend,
+            name=engine_config.name, precision=engine_config.precision,
+            intra_op_threads=engine_config.intra_op_threads,
+            input_shapes=spec.input_shapes() if spec else None,
+            example_feeds=spec.example_feeds() if spec else None,
+            calibration=engine_config.calibration)
+        binding: Binding
+        if spec is not None:
+            spec.check(where, engine.inputs, engine.outputs)
+            binding = SpecBinding(spec, engine_config.inputs, engine.inputs,
+                                  round(1e9 / engine_config.rate_hz), where)
+        else:
+            binding = make_binding(engine_config, config)
         engine.warm_up()
         runners.append(EngineRunner(
             name=engine_config.name, topic=engine_config.topic, engine=engine,
-            binding=make_binding(engine_config, config), rate_hz=engine_config.rate_hz,
+            binding=binding, rate_hz=engine_config.rate_hz,
             latency_ns=engine_config.latency_ns, align_delay_ns=engine_config.align_delay_ns,
             clock=clock, buffer=buffer, sink=sink))
     return runners
@@ -104,11 +138,16 @@ class Node:
         self._context = context or realtime_context()
         self._owns_context = context is None
         self.buffer = AlignmentBuffer(config.capacities())
+        if config.record is not None:
+            from fusion_node.recording import RecordingBuffer
+
+            # Records what enters the buffer and when windows are cut (see recording.py).
+            self.buffer = RecordingBuffer(config.capacities(), self.clock)
         self.runners: list[EngineRunner] = []
         self.publisher: DeadlinePublisher | None = None
         self.subscriber: Subscriber | None = None
         self.pub_endpoint = config.pub
-        self.driver_processes: dict[str, asyncio.subprocess.Process] = {}
+        self.driver_processes: dict[str, SupervisedProcess] = {}
         self.driver_errors: dict[str, str] = {}
         self._receiving = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -116,23 +155,24 @@ class Node:
         self._last_health: tuple[int, dict[str, int]] = (0, {})
         self._health_seq = 0
         self.ready = asyncio.Event()
+        self._systemd = SystemdNotifier()
+        self.recorder: Recorder | None = None
 
     # -- start-up ---------------------------------------------------------------------------
 
-    async def _start_driver_processes(self, run_dir: Path) -> list[str]:
-        from drivers.registry import check_driver_config
-
-        # A bad launch file fails here, with the key named, not later in a child process.
-        for driver in self.config.drivers:
-            check_driver_config(driver.kind, driver.stream, driver.config)
+    def _driver_processes(self, run_dir: Path) -> list[str]:
+        """Supervisors for the out-of-process drivers (started by the caller); their
+        endpoints."""
         endpoints = []
         for driver in self.config.drivers:
             if not driver.process:
                 continue
             endpoint = driver.endpoint or f"ipc://{run_dir}/{driver.stream}.ipc"
-            self.driver_processes[driver.stream] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "drivers", "--kind", driver.kind, "--stream",
-                driver.stream, "--endpoint", endpoint, "--config", json.dumps(driver.config))
+            self.driver_processes[driver.stream] = SupervisedProcess(
+                f"driver {driver.stream}",
+                [sys.executable, "-m", "drivers", "--kind", driver.kind, "--stream",
+                 driver.stream, "--endpoint", endpoint, "--config", json.dumps(driver.config)],
+                self.config.restart)
             endpoints.append(endpoint)
         return endpoints
 
@@ -165,6 +205,23 @@ class Node:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+
+    def _start_recorder(self) -> None:
+        """Record to the launch file's [record] log (see fusion_node.recording), from before
+        the first sensor sample, with the config and model hashes a replay needs."""
+        record = self.config.record
+        if record is None:
+            return
+        from fusion_node.recording import Recorder, RecordingBuffer, node_metadata
+
+        assert isinstance(self.buffer, RecordingBuffer)
+        self.recorder = Recorder(record.path, self.clock, topics=record.topics,
+                                 duration_ns=record.duration_ns, compression=record.compression,
+                                 chunk_size=record.chunk_size, preview_hz=record.preview_hz,
+                                 flush_interval_ns=record.flush_interval_ns,
+                                 metadata=node_metadata(self.config, self.runners))
+        self.recorder.start()
+        self.buffer.attach(self.recorder, self.runners)
 
     async def _wait_for_streams(self) -> None:
         deadline = self.clock.now_ns() + self.config.startup_timeout_ns
@@ -202,8 +259,10 @@ class Node:
             async with asyncio.TaskGroup() as tasks:
                 self.runners = build_engine_runners(self.config, self.clock, self.buffer,
                                                     publisher)
-                endpoints = await self._start_driver_processes(run_dir)
-                endpoints += self.config.connect
+                self._start_recorder()
+                endpoints = self._driver_processes(run_dir) + list(self.config.connect)
+                supervisors = [tasks.create_task(p.run(), name=p.name)
+                               for p in self.driver_processes.values()]
                 self.subscriber = Subscriber(self._context, endpoints, self.clock)
                 self._receiving.set()
                 self._start_thread("receiver", self._receive_blocking, self.subscriber)
@@ -223,18 +282,24 @@ class Node:
                 for runner in self.runners:
                     self._start_thread(f"engine {runner.name}", runner.run_blocking)
                 background.append(tasks.create_task(self._publish_health(), name="health"))
+                if self._systemd.watchdog_period_s is not None:
+                    background.append(tasks.create_task(self._keep_watchdog(),
+                                                        name="watchdog"))
                 self.ready.set()
+                self._systemd.ready()
                 await stop.wait()
+                self._systemd.stopping()
                 for task in background:
                     task.cancel()
+                # Engines first, so no prediction is made from a half-stopped sensor set.
+                await asyncio.to_thread(self._stop_threads)
+                await self._stop_driver_processes()
+                await asyncio.gather(*supervisors)
         finally:
-            self._receiving.clear()
-            for runner in self.runners:
-                runner.stop()
-            publisher.stop()
-            for thread in self._threads:
-                thread.join(_THREAD_JOIN_TIMEOUT_S)
+            self._stop_threads()
             await self._stop_driver_processes()
+            if self.recorder is not None:  # after the publisher: the last predictions too
+                self.recorder.close()
             if self.subscriber is not None:
                 self.subscriber.close()
             output.close()
@@ -245,17 +310,19 @@ class Node:
             blas_limit.restore_original_limits()
             sys.setswitchinterval(previous_interval)
 
+    def _stop_threads(self) -> None:
+        """Stop ticking, publish what is due, stop receiving; idempotent."""
+        for runner in self.runners:
+            runner.stop()
+        if self.publisher is not None:
+            self.publisher.stop()
+        self._receiving.clear()
+        for thread in self._threads:
+            thread.join(_THREAD_JOIN_TIMEOUT_S)
+
     async def _stop_driver_processes(self) -> None:
-        for stream, process in self.driver_processes.items():
-            if process.returncode is None:
-                process.terminate()
-        for stream, process in self.driver_processes.items():
-            try:
-                await asyncio.wait_for(process.wait(), _DRIVER_STOP_TIMEOUT_S)
-            except TimeoutError:
-                log.warning("driver %s ignored SIGTERM; killing it", stream)
-                process.kill()
-                await process.wait()
+        await asyncio.gather(*(p.stop(_DRIVER_STOP_TIMEOUT_S)
+                               for p in self.driver_processes.values()))
 
     def _on_published(self, prediction: Prediction) -> None:
         # Other engines (the action engine's command input) read predictions from the buffer.
@@ -281,8 +348,7 @@ class Node:
         self._last_health = (now, {s: st.received for s, st in self.buffer.stats.items()})
         drivers: dict[str, dict[str, Any]] = {}
         for stream, process in self.driver_processes.items():
-            drivers[stream] = {"pid": process.pid, "running": process.returncode is None,
-                               "exit_code": process.returncode}
+            drivers[stream] = process.summary()
         for stream, error in self.driver_errors.items():
             drivers.setdefault(stream, {})["error"] = error
         subscriber = self.subscriber
@@ -299,7 +365,15 @@ class Node:
             "publisher_priority": publisher.priority if publisher else "",
             "drivers": drivers,
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            **({"recorder": self.recorder.stats()} if self.recorder is not None else {}),
         }
+
+    async def _keep_watchdog(self) -> None:
+        # Sent from the event loop itself: if the loop hangs, the pings stop.
+        assert self._systemd.watchdog_period_s is not None
+        while True:
+            self._systemd.watchdog()
+            await asyncio.sleep(self._systemd.watchdog_period_s)
 
     async def _publish_health(self) -> None:
         assert self.publisher is not None
@@ -307,6 +381,8 @@ class Node:
         while True:
             await asyncio.sleep(period_s)
             now = self.clock.now_ns()
-            self.publisher.schedule(Health(HEALTH_TOPIC, self._health_seq, now, self.health()),
-                                    now)
+            health = Health(HEALTH_TOPIC, self._health_seq, now, self.health())
+            self.publisher.schedule(health, now)
+            if self.recorder is not None:
+                self.recorder.offer(health, log_time_ns=now)
             self._health_seq += 1

@@ -12,6 +12,8 @@ extras=""
 # tests also build the C++ example subscriber (libzmq, cppzmq, msgpack-c headers).
 packages="libportaudio2"
 [ -n "$extras" ] && packages="$packages g++ libzmq3-dev cppzmq-dev libmsgpack-cxx-dev"
+# espeak-ng (GPL-3, a test-time tool only) speaks the speech of the Silero VAD test.
+[ -n "$extras" ] && packages="$packages espeak-ng"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
@@ -30,3 +32,9 @@ command -v "$python" >/dev/null || python=python3
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
+if [ -n "$extras" ]; then
+    # Silero VAD's ONNX model (MIT) for the engine-spec test. The wheel declares torch as a
+    # dependency, which its ONNX model does not need: --no-deps keeps pip from replacing the
+    # pinned CPU torch with another build.
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "silero-vad==6.2.3"
+fi

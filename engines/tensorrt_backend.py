@@ -1,0 +1,356 @@
+"""TensorRT backend: build a plan from the ONNX file, cache it, run it on a CUDA stream.
+
+`tensorrt` and cuda-python (`cuda.bindings.runtime`) are imported here only, and this module
+only when a TensorRT engine is asked for, so the node starts without either installed.
+
+Written against NVIDIA's Python API as its samples use it (`samples/python/common_runtime.py`,
+`simple_progress_monitor`, `efficientdet/build_engine.py`, `int8_caffe_mnist/calibrator.py`):
+TensorRT 10 (JetPack 6 ships 10.3). TensorRT 11 made every network strongly typed and removed
+`BuilderFlag.FP16` / `INT8` and the int8 calibrators; there the ONNX file's own types decide
+and only precision "fp32" (meaning "as typed in the file") builds; `unavailable()` says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorrt as trt  # type: ignore[import-not-found]  # NVIDIA's, not from PyPI here
+from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+
+from engines import base
+from engines.base import TensorSpec, check_feeds, fixed_shape
+from engines.cache import CacheKey, EngineCache
+from fusion_node.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+WORKSPACE_BYTES = 1 << 30
+# Build progress is logged at most this often: a Jetson build runs for minutes.
+_PROGRESS_PERIOD_S = 2.0
+
+
+def _cuda(result: tuple[Any, ...]) -> Any:
+    """The one place CUDA error codes become exceptions (cuda-python returns (err, *values))."""
+    err, *values = result
+    if err != cudart.cudaError_t.cudaSuccess:
+        _, name = cudart.cudaGetErrorName(err)
+        raise EngineError(f"CUDA call failed: {name.decode() if isinstance(name, bytes) else name}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def device_info(device: int = 0) -> tuple[str, str]:
+    """(GPU name, compute capability "major.minor") of CUDA device `device`."""
+    props = _cuda(cudart.cudaGetDeviceProperties(device))
+    name = props.name
+    if isinstance(name, bytes):
+        name = name.split(b"\0", 1)[0].decode(errors="replace")
+    return str(name), f"{props.major}.{props.minor}"
+
+
+def unavailable(precision: str = "fp32") -> str | None:
+    """Why a TensorRT engine of `precision` cannot be built here, or None if it can."""
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess or not count:
+        _, name = cudart.cudaGetErrorName(err)
+        return f"no CUDA GPU ({name.decode() if isinstance(name, bytes) else name})"
+    if precision not in PRECISIONS:
+        return f"unknown precision {precision!r}; expected one of {PRECISIONS}"
+    if precision != "fp32" and not hasattr(trt.BuilderFlag, precision.upper()):
+        return (f"TensorRT {trt.__version__} builds strongly typed networks only (no "
+                f"BuilderFlag.{precision.upper()}): export the ONNX file in {precision} and "
+                "build it as precision 'fp32'")
+    if precision == "int8" and not hasattr(trt, "IInt8EntropyCalibrator2"):
+        return f"TensorRT {trt.__version__} has no int8 calibrator; use a Q/DQ ONNX model"
+    return None
+
+
+class _ProgressLog(trt.IProgressMonitor):
+    """Logs the builder's phases and steps (TensorRT calls these from its build thread)."""
+
+    def __init__(self, label: str) -> None:
+        trt.IProgressMonitor.__init__(self)
+        self._label = label
+        self._steps: dict[str, int] = {}
+        self._last_log = 0.0
+
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        self._steps[phase_name] = num_steps
+        log.info("%s: %s (%d steps)", self._label, phase_name, num_steps)
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        now = time.monotonic()
+        if now - self._last_log >= _PROGRESS_PERIOD_S:
+            self._last_log = now
+            log.info("%s: %s %d/%d", self._label, phase_name, step + 1,
+                     self._steps.get(phase_name, 0))
+        return True  # False would cancel the build
+
+    def phase_finish(self, phase_name: str) -> None:
+        self._steps.pop(phase_name, None)
+
+
+def _calibrator(samples: dict[str, np.ndarray]) -> Any:
+    """An entropy calibrator feeding one calibration sample per batch (TensorRT 10 only)."""
+
+    class _EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self._count = min(len(a) for a in samples.values())
+            self._index = 0
+            self._device = {name: int(_cuda(cudart.cudaMalloc(max(1, a[0].nbytes))))
+                            for name, a in samples.items()}
+
+        def get_batch_size(self) -> int:
+            return 1
+
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            if self._index >= self._count:
+                return None
+            for name in names:
+                host = np.ascontiguousarray(samples[name][self._index])
+                _cuda(cudart.cudaMemcpy(self._device[name], host.ctypes.data, host.nbytes,
+                                        cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+            self._index += 1
+            return [self._device[name] for name in names]
+
+        def read_calibration_cache(self) -> None:
+            return None  # the engine cache keeps the calibrated plan itself
+
+        def write_calibration_cache(self, cache: bytes) -> None:
+            return None
+
+        def free(self) -> None:
+            for pointer in self._device.values():
+                _cuda(cudart.cudaFree(pointer))
+            self._device.clear()
+
+    return _EntropyCalibrator()
+
+
+def build_plan(
+    onnx: bytes,
+    *,
+    label: str,
+    precision: str,
+    input_shapes: dict[str, tuple[int, ...]],
+    calibration: dict[str, np.ndarray] | None = None,
+    workspace_bytes: int = WORKSPACE_BYTES,
+) -> bytes:
+    """Parse `onnx`, fix dynamic input dims with a min = opt = max optimisation profile, and
+    build a serialised plan of `precision`; progress is logged."""
+    reason = unavailable(precision)
+    if reason is not None:
+        raise EngineError(f"engine {label!r}: {reason}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode since TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"engine {label!r}: TensorRT cannot parse the ONNX file: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # fp32 means fp32: TF32 matmuls (on by default) drift about 1e-3 from the reference.
+        config.clear_flag(trt.BuilderFlag.TF32)
+    profile = builder.create_optimization_profile()
+    dynamic = False
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = list(tensor.shape)
+        if all(d >= 0 for d in dims):
+            continue
+        dynamic = True
+        shape = fixed_shape(f"engine {label!r}", tensor.name, dims, input_shapes.get(tensor.name))
+        # One fixed shape: latency is tuned for exactly what runs, as the node needs.
+        profile.set_shape(tensor.name, shape, shape, shape)
+    if dynamic:
+        config.add_optimization_profile(profile)
+        if precision == "int8":
+            config.set_calibration_profile(profile)  # calibration runs at the same shapes
+    calibrator = None
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        if not calibration:
+            raise EngineError(f"engine {label!r}: int8 needs a calibration set")
+        config.set_flag(trt.BuilderFlag.INT8)
+        calibrator = _calibrator(calibration)
+        config.int8_calibrator = calibrator
+    config.progress_monitor = _ProgressLog(f"building {label} ({precision})")
+    started = time.monotonic()
+    try:
+        plan = builder.build_serialized_network(network, config)
+    finally:
+        if calibrator is not None:
+            calibrator.free()
+    if plan is None:
+        raise EngineError(f"engine {label!r}: TensorRT failed to build a {precision} plan "
+                          "(see the TensorRT log above)")
+    log.info("built %s (%s) in %.1f s", label, precision, time.monotonic() - started)
+    return bytes(plan)
+
+
+class _Buffer:
+    """A tensor's pinned host array and device memory, allocated once."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.nbytes = max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        self.host_ptr = _cuda(cudart.cudaMallocHost(self.nbytes))
+        self.device = int(_cuda(cudart.cudaMalloc(self.nbytes)))
+        raw = (ctypes.c_uint8 * self.nbytes).from_address(int(self.host_ptr))
+        used = np.ctypeslib.as_array(raw)[: int(np.prod(shape)) * dtype.itemsize]
+        self.host: np.ndarray = used.view(dtype).reshape(shape)
+
+    def free(self) -> None:
+        _cuda(cudart.cudaFree(self.device))
+        _cuda(cudart.cudaFreeHost(self.host_ptr))
+
+
+class TensorRTEngine:
+    """An ONNX model compiled by TensorRT for this GPU, through the engine cache.
+
+    Buffers, the stream and the timing events are created once; `infer` copies the feeds in,
+    runs `execute_async_v3` on the stream between two CUDA events, copies the outputs back
+    and synchronises. `last_gpu_ms` is the GPU time of the last inference.
+    """
+
+    backend = "tensorrt"
+
+    def __init__(
+        self,
+        path: str | Path,
+        name: str | None = None,
+        *,
+        precision: str = "fp16",
+        input_shapes: dict[str, tuple[int, ...]] | None = None,
+        example_feeds: dict[str, np.ndarray] | None = None,
+        calibration: str | Path | None = None,
+        cache: EngineCache | None = None,
+    ) -> None:
+        path = Path(path)
+        try:
+            onnx = path.read_bytes()
+        except OSError as exc:
+            raise EngineError(f"engine model {path}: cannot read: {exc}") from exc
+        self.path = path
+        self.name = name if name is not None else path.stem
+        self.model_hash = hashlib.sha256(onnx).hexdigest()[:16]
+        self.precision = precision
+        reason = unavailable(precision)
+        if reason is not None:
+            raise EngineError(f"engine {self.name!r}: TensorRT unusable: {reason}")
+        shapes = dict(input_shapes or {})
+        samples, calibration_sha = _load_calibration(calibration)
+        gpu, capability = device_info()
+        self.cache = cache or EngineCache()
+        self.key = CacheKey(
+            onnx_sha256=hashlib.sha256(onnx).hexdigest(), tensorrt_version=trt.__version__,
+            gpu_name=gpu, compute_capability=capability, precision=precision,
+            input_shapes=tuple(sorted(shapes.items())), calibration_sha256=calibration_sha)
+        logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(logger)
+        self._engine, self.built = self.cache.get_or_build(
+            self.key,
+            build=lambda: build_plan(onnx, label=self.name, precision=precision,
+                                     input_shapes=shapes, calibration=samples),
+            # None when the plan is from another TensorRT or GPU: the cache then rebuilds.
+            deserialize=self._runtime.deserialize_cuda_engine,
+        )
+        self._context = self._engine.create_execution_context()
+        self.inputs, self.outputs = self._bind(shapes)
+        self._buffers = {s.name: _Buffer(s.shape, np.dtype(s.dtype))
+                         for s in self.inputs + self.outputs}
+        for tensor_name, buffer in self._buffers.items():
+            self._context.set_tensor_address(tensor_name, buffer.device)
+        self._stream = _cuda(cudart.cudaStreamCreate())
+        self._start = _cuda(cudart.cudaEventCreate())
+        self._end = _cuda(cudart.cudaEventCreate())
+        self._example = base.example_feeds(f"engine {self.name!r}", self.inputs, example_feeds)
+        self.last_gpu_ms = 0.0
+
+    def _bind(self, shapes: dict[str, tuple[int, ...]]
+              ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+        engine, where = self._engine, f"engine {self.name!r}"
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = []
+        for tensor in names:
+            if engine.get_tensor_mode(tensor) != trt.TensorIOMode.INPUT:
+                continue
+            declared = list(engine.get_tensor_shape(tensor))
+            shape = fixed_shape(where, tensor, declared, shapes.get(tensor))
+            if declared != list(shape) and not self._context.set_input_shape(tensor, shape):
+                raise EngineError(f"{where}: TensorRT rejected shape {shape} for {tensor!r}")
+            inputs.append(TensorSpec(tensor, shape, _dtype(engine, tensor)))
+        # Output shapes are known once every input shape is set.
+        outputs = [TensorSpec(t, tuple(self._context.get_tensor_shape(t)), _dtype(engine, t))
+                   for t in names if engine.get_tensor_mode(t) == trt.TensorIOMode.OUTPUT]
+        return tuple(inputs), tuple(outputs)
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the plan once on `feeds`; blocks until the outputs are back on the host."""
+        check_feeds(self.name, self.inputs, feeds)
+        to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for spec in self.inputs:
+            buffer = self._buffers[spec.name]
+            np.copyto(buffer.host, feeds[spec.name])
+            _cuda(cudart.cudaMemcpyAsync(buffer.device, buffer.host.ctypes.data, buffer.nbytes,
+                                         to_device, self._stream))
+        _cuda(cudart.cudaEventRecord(self._start, self._stream))
+        if not self._context.execute_async_v3(self._stream):
+            raise EngineError(f"engine {self.name!r}: TensorRT execute_async_v3 failed")
+        _cuda(cudart.cudaEventRecord(self._end, self._stream))
+        for spec in self.outputs:
+            buffer = self._buffers[spec.name]
+            _cuda(cudart.cudaMemcpyAsync(buffer.host.ctypes.data, buffer.device, buffer.nbytes,
+                                         to_host, self._stream))
+        _cuda(cudart.cudaStreamSynchronize(self._stream))
+        self.last_gpu_ms = float(_cuda(cudart.cudaEventElapsedTime(self._start, self._end)))
+        return {spec.name: self._buffers[spec.name].host.copy() for spec in self.outputs}
+
+    def warm_up(self, iterations: int = 3) -> None:
+        """Run `iterations` inferences on the example feeds (lazy CUDA set-up, clocks up)."""
+        for _ in range(iterations):
+            self.infer(self._example)
+
+    def close(self) -> None:
+        """Free the buffers, stream and events; the engine is unusable afterwards."""
+        for buffer in self._buffers.values():
+            buffer.free()
+        self._buffers.clear()
+        _cuda(cudart.cudaEventDestroy(self._start))
+        _cuda(cudart.cudaEventDestroy(self._end))
+        _cuda(cudart.cudaStreamDestroy(self._stream))
+
+
+def _dtype(engine: Any, tensor: str) -> str:
+    try:
+        return np.dtype(trt.nptype(engine.get_tensor_dtype(tensor))).name
+    except TypeError:  # bf16, fp8: no numpy type
+        raise EngineError(f"tensor {tensor!r} has type {engine.get_tensor_dtype(tensor)} with "
+                          "no numpy equivalent") from None
+
+
+def _load_calibration(path: str | Path | None) -> tuple[dict[str, np.ndarray] | None, str]:
+    """A calibration set: an .npz of one array per model input, samples along axis 0."""
+    if path is None:
+        return None, ""
+    try:
+        data = Path(path).read_bytes()
+        with np.load(Path(path)) as npz:
+            samples = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"calibration set {path}: cannot read as .npz: {exc}") from exc
+    if not samples:
+        raise EngineError(f"calibration set {path}: no arrays")
+    return samples, hashlib.sha256(data).hexdigest()

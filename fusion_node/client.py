@@ -64,7 +64,8 @@ class Client:
         a loop that polls slowly pays for one decode per topic, not for the backlog.
         """
         newest: dict[bytes, list] = {}
-        while self._socket.poll(0, zmq.POLLIN):
+        # ZMQ_EVENTS is one getsockopt; poll() would build a poller on every call.
+        while self._socket.get(zmq.EVENTS) & zmq.POLLIN:
             parts = self._socket.recv_multipart(copy=False)
             newest[parts[0].bytes] = parts
         for parts in newest.values():

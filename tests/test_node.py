@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import msgpack
 import numpy as np
@@ -70,21 +72,28 @@ class Collector:
         return [m for m in self.messages if m.stream == topic]
 
 
-async def run_node(config, seconds: float, during=None) -> tuple[Node, Collector]:
+@contextlib.asynccontextmanager
+async def running(config) -> AsyncIterator[tuple[Node, Collector]]:
+    """A node on an ephemeral port and a collector of all it publishes, stopped on exit."""
     node = Node(dataclasses.replace(config, pub="tcp://127.0.0.1:*"))
     stop = asyncio.Event()
     task = asyncio.create_task(node.run(stop))
     await asyncio.wait_for(node.ready.wait(), 30)
     collector = Collector(node.pub_endpoint)
     try:
-        if during is not None:
-            await asyncio.to_thread(during, seconds)
-        else:
-            await asyncio.sleep(seconds)
+        yield node, collector
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
         collector.close()
+
+
+async def run_node(config, seconds: float, during=None) -> tuple[Node, Collector]:
+    async with running(config) as (node, collector):
+        if during is not None:
+            await asyncio.to_thread(during, seconds)
+        else:
+            await asyncio.sleep(seconds)
     return node, collector
 
 
@@ -228,21 +237,12 @@ async def test_missing_streams_mask_optional_and_report_required():
 
 async def test_killed_driver_process_is_restarted_and_its_stream_resumes():
     config = dataclasses.replace(load_config(), restart=RestartPolicy(backoff_initial_s=0.2))
-    node = Node(dataclasses.replace(config, pub="tcp://127.0.0.1:*"))
-    stop = asyncio.Event()
-    task = asyncio.create_task(node.run(stop))
-    await asyncio.wait_for(node.ready.wait(), 30)
-    collector = Collector(node.pub_endpoint)
-    try:
+    async with running(config) as (node, collector):
         await asyncio.sleep(1.0)
         camera = node.driver_processes["camera.front"]
         first_pid = camera.pid
         camera.kill()
         await asyncio.sleep(4.0)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        collector.close()
     assert camera.restarts == 1 and camera.pid != first_pid
     speech = collector.on("pred.speech")
     masks = [m.mask["camera.front"] for m in speech]
@@ -277,22 +277,13 @@ stream = "joints.arm"
 
 async def test_driver_that_always_crashes_is_given_up_and_its_stream_masked():
     config = dataclasses.replace(parse_config(ALWAYS_CRASHING, "test"), startup_timeout_ns=0)
-    node = Node(dataclasses.replace(config, pub="tcp://127.0.0.1:*"))
-    stop = asyncio.Event()
-    task = asyncio.create_task(node.run(stop))
-    await asyncio.wait_for(node.ready.wait(), 30)
-    collector = Collector(node.pub_endpoint)
-    camera = node.driver_processes["camera.front"]
-    try:
+    async with running(config) as (node, collector):
+        camera = node.driver_processes["camera.front"]
         for _ in range(300):  # each attempt starts a Python process: allow up to 30 s
             if camera.state == "dead":
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)  # the node carries on without the camera
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        collector.close()
     assert camera.state == "dead" and camera.restarts == 2 and camera.last_exit_code == 1
     assert node.health()["drivers"]["camera.front"]["state"] == "dead"
     speech = collector.on("pred.speech")
@@ -301,22 +292,15 @@ async def test_driver_that_always_crashes_is_given_up_and_its_stream_masked():
 
 
 async def test_slow_subscriber_does_not_block_the_node():
-    node = Node(dataclasses.replace(load_config(), pub="tcp://127.0.0.1:*"))
-    stop = asyncio.Event()
-    task = asyncio.create_task(node.run(stop))
-    await asyncio.wait_for(node.ready.wait(), 30)
     context = zmq.Context()
     stalled = context.socket(zmq.SUB)  # subscribes and never reads
     stalled.setsockopt(zmq.RCVHWM, 1)
     stalled.setsockopt(zmq.SUBSCRIBE, b"")
-    stalled.connect(node.pub_endpoint)
-    collector = Collector(node.pub_endpoint)
     try:
-        await asyncio.sleep(3.0)
+        async with running(load_config()) as (node, collector):
+            stalled.connect(node.pub_endpoint)
+            await asyncio.sleep(3.0)
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        collector.close()
         stalled.close(linger=0)
         context.term()
     speech = collector.on("pred.speech")
@@ -391,7 +375,7 @@ async def test_systemd_readiness_and_watchdog_on_a_real_notify_socket(tmp_path, 
 async def test_top_renders_the_live_health():
     from fusion_node.top import render
 
-    node, collector = await run_node(load_config(), 1.5)
+    _, collector = await run_node(load_config(), 1.5)
     table = render(collector.on("node.health")[-1].stats)
     for expected in ("camera.front", "audio.mic0", "joints.arm", "speech", "action",
                      "running", "publish − deadline"):

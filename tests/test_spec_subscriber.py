@@ -49,7 +49,8 @@ def _stop(node: subprocess.Popen) -> tuple[int, str]:
     return node.returncode, err
 
 
-def test_spec_subscriber_reads_the_node() -> None:
+def _start_node() -> tuple[str, subprocess.Popen]:
+    """The node on a free port, running for 8 s; returns once its PUB socket is bound."""
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     node = subprocess.Popen(
         [sys.executable, "-m", "fusion_node.cli", "--log-level", "WARNING", "run",
@@ -58,6 +59,15 @@ def test_spec_subscriber_reads_the_node() -> None:
     )
     try:
         _wait_listening(int(endpoint.rsplit(":", 1)[1]), node, timeout=6.0)
+    except AssertionError:
+        _stop(node)
+        raise
+    return endpoint, node
+
+
+def test_spec_subscriber_reads_the_node() -> None:
+    endpoint, node = _start_node()
+    try:
         sub = subprocess.run(
             [sys.executable, str(SUBSCRIBER), "--endpoint", endpoint, "--topics", "pred.",
              "--count", "40", "--timeout", "10"],
@@ -113,14 +123,8 @@ def _build_cpp_subscriber(out: Path) -> Path:
 
 def test_cpp_subscriber_reads_the_node(tmp_path: Path) -> None:
     binary = _build_cpp_subscriber(tmp_path)
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
-    node = subprocess.Popen(
-        [sys.executable, "-m", "fusion_node.cli", "--log-level", "WARNING", "run",
-         "--duration", "8", "--pub", endpoint],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    endpoint, node = _start_node()
     try:
-        _wait_listening(int(endpoint.rsplit(":", 1)[1]), node, timeout=6.0)
         sub = subprocess.run([str(binary), endpoint, "20"], check=False, capture_output=True,
                              text=True, timeout=30)
     finally:

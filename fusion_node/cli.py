@@ -112,6 +112,10 @@ def _bench(args: argparse.Namespace) -> None:
         from fusion_node.cli_engine import run_engine_bench
 
         result = run_engine_bench(iterations=args.iterations)
+    elif args.what == "clock":
+        from fusion_node.cli_calibrate import run_clock_bench
+
+        result = run_clock_bench(duration_s=args.duration)
     elif args.what == "record":
         from fusion_node.cli_log import run_record_bench
 
@@ -159,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure transport, pipeline or engine "
                                 "performance")
-    bench.add_argument("what", choices=("transport", "pipeline", "engines", "record"))
+    bench.add_argument("what", choices=("transport", "pipeline", "engines", "record", "clock"))
     bench.add_argument("--json", action="store_true", help="one-line JSON")
     bench.add_argument("--count", type=int, default=2000, help="messages per kind (transport)")
     bench.add_argument("--duration", type=float, default=20.0,
-                       help="seconds (pipeline, record)")
+                       help="seconds (pipeline, record, clock)")
     bench.add_argument("--iterations", type=int, default=200,
                        help="timed calls per backend (engines)")
     from fusion_node.cli_engine import add_engine_parser
@@ -172,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fusion_node.cli_log import add_log_parsers
 
     add_log_parsers(commands)
+    from fusion_node.cli_calibrate import add_calibrate_parser
+
+    add_calibrate_parser(commands)
     return parser
 
 
@@ -192,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             from fusion_node.cli_log import run_log_command
 
             return run_log_command(args, _run_node)
+        elif args.command == "calibrate":
+            from fusion_node.cli_calibrate import run_calibrate_command
+
+            print(json.dumps(run_calibrate_command(args), indent=2))
         elif args.command == "engine":
             from fusion_node.cli_engine import run_engine_command
 

@@ -21,11 +21,10 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import Any, Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 from fusion_node.errors import ReplayError
-
-COMMANDS = ("record", "replay", "log")
 
 
 def add_log_parsers(commands: Any) -> None:
@@ -44,14 +43,14 @@ def add_log_parsers(commands: Any) -> None:
     record.add_argument("--duration", type=float, help="stop after this many seconds")
     record.add_argument("--config", help="launch file for the node (without --endpoint)")
     record.add_argument("--pub", help="the node's publish endpoint (without --endpoint)")
-    record.add_argument("--compression", choices=("lz4", "zstd", "none"), default="lz4",
+    record.add_argument("--compression", choices=("lz4", "zstd", "none"),
                         help="chunk compression, lossless (default lz4: fastest)")
-    record.add_argument("--chunk-size", type=int, default=1 << 20, metavar="BYTES",
+    record.add_argument("--chunk-size", type=int, metavar="BYTES",
                         help="chunk size: a crash loses at most the chunk in memory "
                         "(default 1 MiB)")
-    record.add_argument("--flush-interval", type=float, default=1.0, metavar="S",
+    record.add_argument("--flush-interval", type=float, metavar="S",
                         help="also close a chunk after this many seconds (default 1)")
-    record.add_argument("--preview-hz", type=float, default=10.0,
+    record.add_argument("--preview-hz", type=float,
                         help="rate of the half-resolution Foxglove camera preview "
                         "(0: no previews; default 10)")
 
@@ -93,20 +92,25 @@ def add_log_parsers(commands: Any) -> None:
     recover.add_argument("fixed", metavar="FIXED.mcap")
 
 
-def with_record(config: Any, args: argparse.Namespace) -> Any:
-    """`config` recording to `args.record` (from `run --record` or `record` without
-    --endpoint); the command line overrides a launch file's `[record]` table."""
+def _record_config(args: argparse.Namespace, base: Any = None) -> Any:
+    """What to record: the options given on the command line over `base` (a launch file's
+    `[record]` table), over the defaults."""
     from fusion_node.config import RecordConfig
 
-    base = config.record or RecordConfig(args.record)
-    options = {name: getattr(args, name) for name in
-               ("topics", "compression", "chunk_size", "preview_hz") if hasattr(args, name)}
-    if "topics" in options:
-        options["topics"] = tuple(options["topics"]) or base.topics
-    if hasattr(args, "flush_interval"):
+    options: dict[str, Any] = {name: getattr(args, name, None) for name in
+                               ("compression", "chunk_size", "preview_hz")}
+    if getattr(args, "topics", None):
+        options["topics"] = tuple(args.topics)
+    if getattr(args, "flush_interval", None) is not None:
         options["flush_interval_ns"] = round(args.flush_interval * 1e9)
-    return dataclasses.replace(config, record=dataclasses.replace(base, path=args.record,
-                                                                  **options))
+    given = {name: value for name, value in options.items() if value is not None}
+    return dataclasses.replace(base or RecordConfig(args.record), path=args.record, **given)
+
+
+def with_record(config: Any, args: argparse.Namespace) -> Any:
+    """`config` recording to `args.record` (`run --record`, or `record` without
+    --endpoint)."""
+    return dataclasses.replace(config, record=_record_config(args, config.record))
 
 
 @contextlib.contextmanager
@@ -130,9 +134,10 @@ def _record_endpoints(args: argparse.Namespace) -> int:
     from fusion_node.recording import Recorder, record_endpoints_blocking
 
     clock = MonotonicClock()
-    recorder = Recorder(args.record, clock, topics=args.topics, compression=args.compression,
-                        chunk_size=args.chunk_size, preview_hz=args.preview_hz,
-                        flush_interval_ns=round(args.flush_interval * 1e9),
+    record = _record_config(args)
+    recorder = Recorder(record.path, clock, topics=record.topics,
+                        compression=record.compression, chunk_size=record.chunk_size,
+                        preview_hz=record.preview_hz, flush_interval_ns=record.flush_interval_ns,
                         metadata={"source": "subscriber", "endpoints": json.dumps(args.endpoint)})
     context = zmq.Context()
     stop = threading.Event()
@@ -207,7 +212,8 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def run_log_command(args: argparse.Namespace,
-                    run_node: Callable[[argparse.Namespace], Awaitable[None]]) -> int:
+                    run_node: Callable[[argparse.Namespace], Coroutine[Any, Any, None]]
+                    ) -> int:
     """Run `record`, `replay` or `log`; `run_node` is the CLI's node runner (for `record`
     without --endpoint). Returns the exit status."""
     if args.command == "record":
@@ -252,8 +258,13 @@ def run_record_bench(duration_s: float = 20.0) -> dict[str, Any]:
     import numpy as np
     import zmq
 
-    from drivers.simulated import (JOINT_NAMES, SimulatedCamera, SimulatedCameraConfig,
-                                   joint_motion, mouth_opening)
+    from drivers.simulated import (
+        JOINT_NAMES,
+        SimulatedCamera,
+        SimulatedCameraConfig,
+        joint_motion,
+        mouth_opening,
+    )
     from fusion_node.clock import MonotonicClock, thread_cpu_ns
     from fusion_node.config import load_config
     from fusion_node.protocol import AudioChunk, Frame, JointState
@@ -269,44 +280,52 @@ def run_record_bench(duration_s: float = 20.0) -> dict[str, Any]:
         image = camera.render(i * 33_333_333).astype(np.float32)
         noisy = image + rng.normal(0, _NOISE_STD, image.shape)
         frames.append(np.clip(noisy, 0, 255).astype(np.uint8))
-    streams = {"frame": 1_000_000_000 // 30, "audio": 10_000_000, "joints": 2_000_000}
+    rates_hz = {"frame": 30, "audio": 100, "joints": 500}
     with tempfile.TemporaryDirectory(prefix="fusion-node-bench-") as tmp:
         path = f"{tmp}/bench.mcap"
         recorder = Recorder(path, clock, metadata={"source": "bench record"})
         recorder.start()
         start_ns = clock.now_ns()
         end_ns = start_ns + round(duration_s * 1e9)
-        index = {kind: 0 for kind in streams}
+        index = {kind: 0 for kind in rates_hz}
+
+        def capture_ns(kind: str, k: int) -> int:
+            return start_ns + k * 1_000_000_000 // rates_hz[kind]
+
+        def ready_ns(kind: str) -> int:
+            # An audio chunk is delivered once its last sample is captured; the rest at once.
+            return capture_ns(kind, index[kind] + (kind == "audio"))
+
         offer_cpu_ns = raw_bytes = 0
         while True:
-            kind = min(streams, key=lambda k: index[k] * streams[k])
-            t_ns = start_ns + index[kind] * streams[kind]
-            if t_ns >= end_ns:
+            active = [k for k in rates_hz if capture_ns(k, index[k]) < end_ns]
+            if not active:
                 break
-            # Audio is delivered once its chunk has been captured; the rest at capture.
-            ready_ns = t_ns + (streams[kind] if kind == "audio" else 0)
-            clock.sleep_until(ready_ns)
+            kind = min(active, key=ready_ns)
             seq = index[kind]
+            t_ns = capture_ns(kind, seq)
+            clock.sleep_until(ready_ns(kind))
             index[kind] += 1
-            msg: Any
+            msg: Frame | AudioChunk | JointState
             if kind == "frame":
                 msg = Frame("camera.front", seq, t_ns, frames[seq % _FRAME_POOL], "rgb8")
+                raw_bytes += msg.image.nbytes
             elif kind == "audio":
                 times = t_ns + np.arange(160, dtype=np.int64) * 62_500
                 voice = 8000 * np.sin(2 * np.pi * 240 * (times % 10**9) / 1e9) \
                     * mouth_opening(times) + rng.normal(0, 30, 160)
                 msg = AudioChunk("audio.mic0", seq, t_ns, 16_000, seq * 160,
                                  voice.astype(np.int16)[:, None])
+                raw_bytes += msg.samples.nbytes
             else:
                 position, velocity, effort = joint_motion(t_ns)
                 msg = JointState("joints.arm", seq, t_ns, JOINT_NAMES, position, velocity,
                                  effort)
+                raw_bytes += 3 * position.nbytes
             msg.t_receive_ns = clock.now_ns()
             cpu_ns = thread_cpu_ns()
             recorder.offer(msg)
             offer_cpu_ns += thread_cpu_ns() - cpu_ns
-            raw_bytes += getattr(msg, "image", getattr(msg, "samples", None)).nbytes \
-                if kind != "joints" else 72
         recorder.close()
         stats = recorder.stats()
         file_bytes = os.path.getsize(path)
@@ -323,7 +342,7 @@ def run_record_bench(duration_s: float = 20.0) -> dict[str, Any]:
         started_ns = clock.now_ns()
         replayed = replay_through_node(path, load_config())
         node_wall_s = (clock.now_ns() - started_ns) / 1e9
-    counts = {kind: index[kind] for kind in streams}
+    counts = dict(index)
     return {
         "duration_s": duration_s,
         "streams": {"camera.front": "30 fps 640x480 rgb8 (simulated face + noise sigma "

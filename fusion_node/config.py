@@ -46,6 +46,9 @@ class StreamConfig:
     name: str
     kind: str
     capacity: int
+    # A source on its own clock: the endpoint of its `fusion_node.remote_clock` responder;
+    # its stamps are mapped onto the node's clock (DESIGN §2).
+    clock: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class NodeConfig:
     connect: tuple[str, ...] = ()
     streams: tuple[StreamConfig, ...] = ()
     record: RecordConfig | None = None
+    calibration: str | None = None  # the robot's calibration.yaml (calibration/README.md)
 
     def capacities(self) -> dict[str, int]:
         capacities = {d.stream: d.capacity for d in self.drivers}
@@ -158,7 +162,11 @@ def _stream(data: Any, index: int) -> StreamConfig:
         raise ConfigError(f"streams[{index}].kind = {kind!r} is not one of "
                           f"{sorted(DEFAULT_CAPACITY)}")
     stream = StreamConfig(table.get("name", str), kind,
-                          table.get("buffer_capacity", int, DEFAULT_CAPACITY[kind]))
+                          table.get("buffer_capacity", int, DEFAULT_CAPACITY[kind]),
+                          table.get("clock", str, None))
+    if stream.clock is not None and kind == "prediction":
+        raise ConfigError(f"streams[{index}]: clock applies to sensor streams, not "
+                          f"{kind!r} streams")
     table.done()
     return stream
 
@@ -262,7 +270,8 @@ def _parse_config(text: str, source: str) -> NodeConfig:
             backoff_initial_s=node.get("driver_restart_backoff_ms", float, 500.0) / 1000,
             backoff_max_s=node.get("driver_restart_backoff_max_ms", float, 10_000.0) / 1000),
         drivers=drivers, engines=engines, connect=tuple(connect), streams=external,
-        record=_record(root.get("record", dict, None)))
+        record=_record(root.get("record", dict, None)),
+        calibration=node.get("calibration", str, None))
     node.done()
     root.done()
     streams = ([d.stream for d in drivers] + [e.topic for e in engines]

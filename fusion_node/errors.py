@@ -40,3 +40,7 @@ class EndOfStream(FusionError):
 
 class ReplayError(FusionError):
     """A log cannot be written, read, recovered, replayed or verified."""
+
+
+class CalibrationError(FusionError):
+    """A calibration file, or the data a calibration is estimated from, is unusable."""

@@ -22,9 +22,16 @@ from mcap.writer import Writer
 from fusion_node import __version__
 from fusion_node.errors import ReplayError
 from fusion_node.protocol import AudioChunk, Health
-from fusion_node.recording import (PREVIEW, RECORDING_END_METADATA, RECORDING_METADATA,
-                                   WINDOW_CUT, LogMessage, check_magic, classify_channel,
-                                   is_complete)
+from fusion_node.recording import (
+    PREVIEW,
+    RECORDING_END_METADATA,
+    RECORDING_METADATA,
+    WINDOW_CUT,
+    LogMessage,
+    check_magic,
+    classify_channel,
+    is_complete,
+)
 
 
 def _stop_reason(exc: Exception) -> str:
@@ -70,7 +77,7 @@ class _TopicStats:
                  # From capture times: the rate the source produced, without delivery jitter.
                  "rate_hz": round((self.count - 1) * 1e9 / span_ns, 3) if span_ns > 0 else None,
                  "first_seq": self.first_seq, "last_seq": self.last_seq, "gaps": self.gaps,
-                 "restarts": self.restarts, "mb": round(self.bytes / 2**20, 3)}
+                 "restarts": self.restarts, "raw_mb": round(self.bytes / 2**20, 3)}
         if self.kind == "audio":
             entry["lost_samples"] = self.lost_samples
         return entry
@@ -84,7 +91,7 @@ def log_info(path: str) -> dict[str, Any]:
     schemas: dict[int, Schema] = {}
     channels: dict[int, Any] = {}
     topics: dict[str, _TopicStats] = {}
-    previews: Counter[str] = Counter()
+    other: Counter[str] = Counter()  # Foxglove previews, window cuts
     undecodable: Counter[str] = Counter()
     metadata: dict[str, dict[str, str]] = {}
     last_health: Health | None = None
@@ -106,7 +113,7 @@ def log_info(path: str) -> dict[str, Any]:
                         raise ReplayError(f"{path}: a message on channel {record.channel_id} "
                                           "comes before that channel is defined")
                     if channel.kind in (PREVIEW, WINDOW_CUT):
-                        previews[channel.topic] += 1
+                        other[channel.topic] += 1
                         continue
                     message = LogMessage(channel.topic, channel.kind, record.log_time,
                                          record.publish_time, record.data)
@@ -126,7 +133,7 @@ def log_info(path: str) -> dict[str, Any]:
                         last_health = msg
         except ReplayError:
             raise
-        except Exception as exc:  # the mcap package raises many unrelated types on bad input
+        except Exception as exc:  # noqa: BLE001 - mcap raises many unrelated types
             info["error"] = _stop_reason(exc)
     recording = metadata.get(RECORDING_METADATA, {})
     info["protocol_version"] = recording.get("protocol_version")
@@ -141,7 +148,7 @@ def log_info(path: str) -> dict[str, Any]:
         info["duration_s"] = 0.0
     info["messages"] = sum(s.count for s in topics.values())
     info["topics"] = {t: topics[t].summary() for t in sorted(topics)}
-    info["previews"] = dict(sorted(previews.items()))
+    info["other_channels"] = dict(sorted(other.items()))
     info["undecodable"] = dict(undecodable)
     end = metadata.get(RECORDING_END_METADATA)
     if end is not None and "dropped" in end:
@@ -165,23 +172,23 @@ def log_info(path: str) -> dict[str, Any]:
 def format_info(info: dict[str, Any]) -> str:
     """`log info` as text."""
     state = "complete" if info["complete"] else "INCOMPLETE (run `fusion-node log recover`)"
-    lines = [f"{info['path']}: {info['mb']} MB, {state}, protocol v{info['protocol_version']}, "
-             f"recorded by {info['source'] or 'unknown'}, compression "
-             f"{info['compression'] or 'unknown'}",
+    lines = [(f"{info['path']}: {info['mb']} MB, {state}, protocol "
+              f"v{info['protocol_version']}, recorded by {info['source'] or 'unknown'}, "
+              f"compression {info['compression'] or 'unknown'}"),
              f"duration {info['duration_s']} s, {info['messages']} messages"]
     if info["error"]:
         lines.append(f"stopped reading: {info['error']}")
     lines.append(f"{'topic':<16} {'kind':<10} {'count':>7} {'rate_hz':>9} {'seq':>15} "
-                 f"{'gaps':>6} {'restarts':>8} {'MB':>9}")
+                 f"{'gaps':>6} {'restarts':>8} {'raw MB':>9}")
     for topic, t in info["topics"].items():
         rate = "-" if t["rate_hz"] is None else f"{t['rate_hz']:.2f}"
         seq = f"{t['first_seq']}..{t['last_seq']}"
         extra = f"  lost samples {t['lost_samples']}" if t.get("lost_samples") else ""
         lines.append(f"{topic:<16} {t['kind']:<10} {t['count']:>7} {rate:>9} {seq:>15} "
-                     f"{t['gaps']:>6} {t['restarts']:>8} {t['mb']:>9.3f}{extra}")
-    if info["previews"]:
+                     f"{t['gaps']:>6} {t['restarts']:>8} {t['raw_mb']:>9.3f}{extra}")
+    if info["other_channels"]:
         lines.append("also: " + ", ".join(f"{topic} ({count})"
-                                          for topic, count in info["previews"].items()))
+                                          for topic, count in info["other_channels"].items()))
     if info["undecodable"]:
         lines.append(f"messages that do not decode: {info['undecodable']} (first: "
                      f"{info['first_undecodable']})")
@@ -189,8 +196,9 @@ def format_info(info: dict[str, Any]) -> str:
     if dropped is None:
         lines.append("recorder drops: unknown")
     else:
-        lines.append(f"recorder drops: {sum(dropped.values())} {dropped or ''} (from "
-                     f"{info['recorder_dropped_from']})".rstrip())
+        detail = f" {dropped}" if dropped else ""
+        lines.append(f"recorder drops: {sum(dropped.values())}{detail} (from "
+                     f"{info['recorder_dropped_from']})")
     node = info.get("node_drops")
     if node:
         gaps = {s: v for s, v in node["streams"].items() if any(v.values())}
@@ -259,7 +267,7 @@ def recover(broken: str, fixed: str) -> RecoverResult:
                     elif isinstance(record, Footer):
                         result.was_complete = True
                     result.read_bytes = source.tell()
-            except Exception as exc:  # the mcap package raises many unrelated types
+            except Exception as exc:  # noqa: BLE001 - mcap raises many unrelated types
                 result.stop_reason = _stop_reason(exc)
             if not started:
                 writer.start(library=f"fusion-node {__version__} log recover")
@@ -286,5 +294,5 @@ def _count_messages(path: str) -> int:
     try:
         with open(path, "rb") as file:
             return sum(1 for _ in make_reader(file).iter_messages(log_time_order=False))
-    except Exception as exc:  # the mcap package raises many unrelated types on bad input
+    except Exception as exc:  # noqa: BLE001 - mcap raises many unrelated types
         raise ReplayError(f"{path}: the recovered log does not read back ({exc})") from None

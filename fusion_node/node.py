@@ -17,6 +17,7 @@ import resource
 import sys
 import tempfile
 import threading
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,10 +27,12 @@ from threadpoolctl import threadpool_limits
 
 from fusion_node.alignment import AlignmentBuffer
 from fusion_node.bindings import ActionBinding, SpecBinding, SpeechBinding
+from fusion_node.calibration import Calibration, load_calibration
 from fusion_node.clock import Clock, MonotonicClock
 from fusion_node.config import EngineConfig, NodeConfig
-from fusion_node.errors import ConfigError, EndOfStream, FusionError
-from fusion_node.protocol import Health, Prediction
+from fusion_node.errors import CalibrationError, ConfigError, EndOfStream, FusionError
+from fusion_node.protocol import Health, Message, Prediction
+from fusion_node.remote_clock import ClockTracker
 from fusion_node.scheduling import (
     Binding,
     DeadlinePublisher,
@@ -157,6 +160,14 @@ class Node:
         self.ready = asyncio.Event()
         self._systemd = SystemdNotifier()
         self.recorder: Recorder | None = None
+        self.calibration: Calibration | None = None
+        self._corrections_ns: dict[str, int] = {}
+        if config.calibration is not None:
+            self.calibration = load_calibration(config.calibration)
+            _check_calibration_streams(self.calibration, config)
+            self._corrections_ns = self.calibration.corrections_ns()
+        self.clock_trackers: dict[str, ClockTracker] = {}
+        self.unmapped: Counter[str] = Counter()  # remote samples dropped: no mapping yet
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -186,7 +197,8 @@ class Node:
             while True:
                 sample = await driver.recv()
                 sample.t_receive_ns = self.clock.now_ns()
-                self.buffer.push(sample)
+                if self._correct(sample):
+                    self.buffer.push(sample)
         except EndOfStream:
             log.info("driver %s reached the end of its source", stream)
         except FusionError as exc:
@@ -196,10 +208,37 @@ class Node:
             await driver.disconnect()
 
     def _receive_blocking(self, subscriber: Subscriber) -> None:
+        correcting = bool(self._corrections_ns or self.clock_trackers)
         while self._receiving.is_set():
             msg = subscriber.recv(timeout_ms=50)
-            if msg is not None:
+            if msg is not None and (not correcting or self._correct(msg)):
                 self.buffer.push(msg)
+
+    def _correct(self, msg: Message) -> bool:
+        """Map a remote stamp onto the node clock, then subtract the calibrated delay; False
+        if the sample cannot be placed in time yet (no clock mapping)."""
+        tracker = self.clock_trackers.get(msg.stream)
+        if tracker is not None:
+            mapping = tracker.mapping  # one immutable object: no lock needed
+            if mapping is None:
+                self.unmapped[msg.stream] += 1
+                return False
+            msg.t_capture_ns = mapping.to_local_ns(msg.t_capture_ns)  # type: ignore[misc]
+        shift_ns = self._corrections_ns.get(msg.stream)
+        if shift_ns:
+            msg.t_capture_ns -= shift_ns  # type: ignore[misc]
+        return True
+
+    def _start_clock_trackers(self) -> None:
+        """One thread per stream declared on a remote clock, until receiving stops."""
+        drifts = self.calibration.clock_drifts if self.calibration else {}
+        for stream in self.config.streams:
+            if stream.clock is None:
+                continue
+            tracker = ClockTracker(self._context, stream.clock, self.clock,
+                                   initial_drift=drifts.get(stream.name, 0.0))
+            self.clock_trackers[stream.name] = tracker
+            self._start_thread(f"clock {stream.name}", tracker.run_blocking, self._receiving)
 
     def _start_thread(self, name: str, target: Any, *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -265,6 +304,7 @@ class Node:
                                for p in self.driver_processes.values()]
                 self.subscriber = Subscriber(self._context, endpoints, self.clock)
                 self._receiving.set()
+                self._start_clock_trackers()
                 self._start_thread("receiver", self._receive_blocking, self.subscriber)
                 background = [
                     tasks.create_task(self._run_in_process_driver(d.kind, d.stream, d.config),
@@ -297,6 +337,8 @@ class Node:
                 await asyncio.gather(*supervisors)
         finally:
             self._stop_threads()
+            for tracker in self.clock_trackers.values():
+                tracker.close()
             await self._stop_driver_processes()
             if self.recorder is not None:  # after the publisher: the last predictions too
                 self.recorder.close()
@@ -344,6 +386,14 @@ class Node:
                 if elapsed_s else 0.0
             entry["age_ms"] = round((now - stats.last_capture_ns) / 1e6, 3) \
                 if stats.last_capture_ns else None
+            if stream in self._corrections_ns:
+                entry["correction_ms"] = self._corrections_ns[stream] / 1e6
+            tracker = self.clock_trackers.get(stream)
+            if tracker is not None:
+                mapping = tracker.mapping
+                entry["clock"] = {**(mapping.summary(now) if mapping else {"mapped": False}),
+                                  "unmapped": self.unmapped[stream],
+                                  "timeouts": tracker.timeouts}
             streams[stream] = entry
         self._last_health = (now, {s: st.received for s, st in self.buffer.stats.items()})
         drivers: dict[str, dict[str, Any]] = {}
@@ -386,3 +436,14 @@ class Node:
             if self.recorder is not None:
                 self.recorder.offer(health, log_time_ns=now)
             self._health_seq += 1
+
+
+def _check_calibration_streams(calibration: Calibration, config: NodeConfig) -> None:
+    """A calibration naming a stream the launch file lacks is a mismatch of robot files."""
+    sensors = {d.stream for d in config.drivers} | {
+        s.name for s in config.streams if s.kind != "prediction"}
+    unknown = calibration.streams() - sensors
+    if unknown:
+        raise CalibrationError(f"calibration {calibration.path!r} names stream(s) "
+                               f"{sorted(unknown)} that are not sensor streams of this launch "
+                               f"file ({sorted(sensors)})")

@@ -17,12 +17,15 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
 
 from fusion_node.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from fusion_node.shm import ShmReader
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -346,8 +349,14 @@ def _unpack_header(part: Buffer) -> dict[str, Any]:
     return header
 
 
-def decode(parts: Sequence[Buffer], t_receive_ns: int = 0) -> Message:
-    """Decode and validate one multipart message; raise `ProtocolError` if malformed."""
+def decode(parts: Sequence[Buffer], t_receive_ns: int = 0,
+           shm: ShmReader | None = None) -> Message:
+    """Decode and validate one multipart message; raise `ProtocolError` if malformed.
+
+    A frame, audio or joints message without payload whose header has an `shm` map carries
+    its array in shared memory (docs/protocol.md §10): it is resolved through `shm`, and
+    refused (`shm_unsupported`) without one. The array is then a view into the publisher's
+    ring, valid until `shm.last_lease.expires_ns`."""
     if len(parts) < 2:
         raise ProtocolError("truncated", f"{len(parts)} part(s), need topic and header")
     if len(parts) > 2 + MAX_PAYLOAD_PARTS:
@@ -389,7 +398,13 @@ def decode(parts: Sequence[Buffer], t_receive_ns: int = 0) -> Message:
         return _decode_prediction(header, stream, seq, payload, t_receive_ns)
 
     if len(payload) != 1:
-        _expect_parts(payload, 1, kind, stream)
+        if not payload and "shm" in header:
+            if shm is None:
+                raise ProtocolError("shm_unsupported", f"{_where(kind, stream)} is in shared "
+                                    "memory, and this receiver reads none")
+            payload = (shm.resolve(header["shm"], _where(kind, stream)),)
+        else:
+            _expect_parts(payload, 1, kind, stream)
     dtype_name = header.get("dtype")
     array = _array(payload[0], dtype_name, header.get("shape"), kind, stream)
     if kind == "frame":

@@ -2,17 +2,16 @@
 
 Deterministic replay (`replay_through_node`) is a single-threaded discrete-event loop on a
 `ReplayClock`. Its events, taken in time order, are:
-  - the log's input messages, at their receive time (`log_time`): pushed into the buffer;
-  - each engine's ticks, at t_ref + align_delay on the engine's absolute grid;
-  - each prediction reaching its deadline: fed back into the buffer (the action engine reads
-    the speech engine's output there), exactly as the live node's publisher does.
+  - the log's input messages, at their log time: pushed into the alignment buffer;
+  - each engine's ticks: with "log" timing, exactly the windows the recording node cut, at
+    the times it cut them (`node.window_cuts`); with "schedule" timing, t_ref + align_delay
+    on the engine's absolute grid;
+  - each prediction being fed back into the buffer (the action engine reads the speech
+    engine's output there), as the live node's publisher does: when the recorded one was
+    ("log") or at its deadline ("schedule").
 At equal times deliveries come first, then messages, then ticks: whatever had arrived by a
 tick's time is in its window. Nothing depends on wall time or on thread scheduling, so two
 replays of one log give byte-identical predictions on the same backend.
-
-Each engine starts on the tick of its first prediction in the log (the live node started its
-engines only once every sensor had spoken), or, for a log without predictions, on the first
-tick after every input stream has delivered a message.
 """
 
 from __future__ import annotations
@@ -22,20 +21,26 @@ import heapq
 import itertools
 import json
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from fusion_node.alignment import AlignmentBuffer
 from fusion_node.clock import Clock, ReplayClock
-from fusion_node.config import (DriverConfig, EngineConfig, NodeConfig, StreamConfig,
-                                load_config)
+from fusion_node.config import DriverConfig, EngineConfig, NodeConfig, StreamConfig, load_config
 from fusion_node.errors import ReplayError
 from fusion_node.protocol import Message, Prediction
-from fusion_node.recording import (RECORDING_METADATA, WINDOW_CUT, WINDOW_CUTS_TOPIC,
-                                   LogReader, LogWriter, topic_matches)
+from fusion_node.recording import (
+    RECORDING_METADATA,
+    WINDOW_CUT,
+    WINDOW_CUTS_TOPIC,
+    LogReader,
+    LogWriter,
+    topic_matches,
+)
 from fusion_node.scheduling import EngineRunner, PredictionSink, TickGrid
 
 # -- timed replay ---------------------------------------------------------------------------
@@ -292,7 +297,8 @@ def replay_through_node(path: str, config: NodeConfig, *, out_path: str | None =
         inputs = [t for t in reader.topics() if t in buffer.streams and t not in engine_topics]
         if not inputs:
             raise ReplayError(f"{path}: no topic in the log is an input of the configured "
-                              f"engines (log: {reader.topics()}; inputs: {list(buffer.streams)})")
+                              f"engines (log: {reader.topics()}; inputs: "
+                              f"{[t for t in buffer.streams if t not in engine_topics]})")
         recorded_topics = [t for t in reader.topics(["prediction"]) if t in engine_topics]
         recorded: Recorded = {t: {} for t in recorded_topics}
         cuts: dict[str, list[tuple[int, int]]] = {t: [] for t in engine_topics}
@@ -409,14 +415,15 @@ def compare_logs(recorded: dict[str, dict[int, Prediction]],
             where = f"{topic} at t_ref {t_ref}"
             if t_ref not in now and t_ref in log:
                 reason = runner.stats.last_missing or "none"
-                differences.append((t_ref, topic, f"{where}: the log has a prediction, the "
-                                    f"replay made none (last missing input: {reason})"))
+                differences.append((t_ref, topic, (f"{where}: the log has a prediction, the "
+                                                   f"replay made none (last missing input: "
+                                                   f"{reason})")))
                 break
             if t_ref not in log:
                 if t_ref in now:
-                    differences.append((t_ref, topic, f"{where}: the replay made a prediction "
-                                        "the log does not have (the live node lacked a "
-                                        "required input, or the recorder dropped it)"))
+                    differences.append((t_ref, topic, (
+                        f"{where}: the replay made a prediction the log does not have (the live "
+                        "node lacked a required input, or the recorder dropped it)")))
                     break
                 continue
             compared += 1

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from mcap.reader import make_reader
@@ -19,8 +19,7 @@ from fusion_node.logs import log_info
 from fusion_node.node import Node
 from fusion_node.protocol import Prediction, decode, encode
 from fusion_node.recording import LogReader, frame_parts, unframe
-from fusion_node.replay import (config_from_log, publish_log, replay_config,
-                                replay_through_node)
+from fusion_node.replay import config_from_log, publish_log, replay_config, replay_through_node
 
 SAMPLE = str(Path(__file__).parent / "data" / "sample.mcap")
 EXPECTED_HZ = {"camera.front": 30, "audio.mic0": 100, "joints.arm": 200, "pred.speech": 30,
@@ -86,7 +85,7 @@ def test_live_recording_holds_every_topic_at_its_rate_without_gaps(live_log):
         assert (stats["gaps"], stats["restarts"]) == (0, 0), topic
     assert topics["audio.mic0"]["lost_samples"] == 0
     assert info["undecodable"] == {} and info["recorder_dropped"] == {}
-    assert set(info["previews"]) == {"preview/camera.front", "preview/audio.mic0",
+    assert set(info["other_channels"]) == {"preview/camera.front", "preview/audio.mic0",
                                      "node.window_cuts"}
     # Every protocol message in the file decoded (log_info decodes each one).
     with LogReader(live_log) as reader:

@@ -1,0 +1,164 @@
+"""`fusion-node calibrate camera|av-offset|clock` and `fusion-node bench clock`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from fusion_node.errors import CalibrationError
+
+
+def add_calibrate_parser(commands: Any) -> None:
+    calibrate = commands.add_parser("calibrate", help="estimate camera intrinsics, the "
+                                    "audio-video offset or a remote clock mapping")
+    which = calibrate.add_subparsers(dest="what", required=True)
+    camera = which.add_parser("camera", help="checkerboard calibration (OpenCV)")
+    camera.add_argument("source", metavar="IMAGES_OR_VIDEO",
+                        help="folder of images, a quoted glob, an image or a video file")
+    camera.add_argument("--board", default="9x6", help="inner corners COLSxROWS (default 9x6)")
+    camera.add_argument("--square-mm", type=float, default=25.0, help="square size in mm")
+    camera.add_argument("--name", default="camera", help="camera_name in the written file")
+    camera.add_argument("--out", metavar="FILE", help="write the camera_info YAML here")
+    av = which.add_parser("av-offset", help="audio-video offset from a recorded clap or "
+                          "flash + beep")
+    av.add_argument("log", metavar="LOG.mcap")
+    av.add_argument("--audio", help="audio stream (default: the log's first)")
+    av.add_argument("--video", help="camera stream (default: the log's first)")
+    av.add_argument("--max-shift-ms", type=float, default=500.0)
+    av.add_argument("--out", metavar="CALIBRATION.yaml",
+                    help="store the offset in this robot calibration file")
+    clock = which.add_parser("clock", help="estimate a remote clock's offset and drift")
+    clock.add_argument("endpoint", help="the remote `python -m fusion_node.remote_clock "
+                       "serve` endpoint")
+    clock.add_argument("--duration-s", type=float, default=10.0)
+
+
+def run_calibrate_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one calibration; the report as a dict (the CLI prints it as JSON)."""
+    if args.what == "camera":
+        return _camera(args)
+    if args.what == "av-offset":
+        return _av_offset(args)
+    return _clock(args)
+
+
+def _camera(args: argparse.Namespace) -> dict[str, Any]:
+    from fusion_node.calibration import calibrate_camera, parse_board, save_camera_info
+
+    result = calibrate_camera(args.source, parse_board(args.board), args.square_mm, args.name)
+    if args.out:
+        save_camera_info(args.out, result.info)
+    info = result.info
+    return {"reprojection_error_px": round(result.rms_px, 4), "fx": info.fx, "fy": info.fy,
+            "cx": info.cx, "cy": info.cy, "distortion": info.distortion,
+            "width": info.width, "height": info.height, "views_used": len(result.used),
+            "failed_detection": result.failed, "written": args.out}
+
+
+def _av_offset(args: argparse.Namespace) -> dict[str, Any]:
+    from fusion_node.calibration import (
+        AvOffset,
+        Calibration,
+        estimate_av_offset,
+        load_calibration,
+        save_calibration,
+    )
+
+    estimate = estimate_av_offset(args.log, args.audio, args.video, args.max_shift_ms)
+    if args.out:
+        try:
+            calibration = load_calibration(args.out)
+        except CalibrationError:
+            if os.path.exists(args.out):
+                raise
+            calibration = Calibration(args.out)
+        calibration.av_offset = AvOffset(estimate.audio, estimate.video, estimate.offset_ns)
+        save_calibration(calibration)
+    return {"audio": estimate.audio, "video": estimate.video,
+            "offset_ms": estimate.offset_ns / 1e6, "confidence": estimate.confidence,
+            "events": estimate.events, "written": args.out}
+
+
+def _clock(args: argparse.Namespace) -> dict[str, Any]:
+    import zmq
+
+    from fusion_node.clock import MonotonicClock
+    from fusion_node.remote_clock import ClockError, ClockTracker
+
+    clock = MonotonicClock()
+    context = zmq.Context()
+    tracker = ClockTracker(context, args.endpoint, clock)
+    running = threading.Event()
+    running.set()
+    try:
+        timer = threading.Timer(args.duration_s, running.clear)
+        timer.start()
+        tracker.run_blocking(running)
+        timer.cancel()
+    finally:
+        tracker.close()
+        context.term()
+    mapping = tracker.mapping
+    if mapping is None:
+        raise ClockError(f"no reply from clock endpoint {args.endpoint!r} in "
+                         f"{args.duration_s} s ({tracker.timeouts} requests timed out)")
+    return {"endpoint": args.endpoint, **mapping.summary(clock.now_ns()),
+            "timeouts": tracker.timeouts}
+
+
+def run_clock_bench(duration_s: float = 10.0, offset_s: float = 2.5, drift_ppm: float = 50.0,
+                    delay_ms: tuple[float, float] = (0.1, 5.0), seed: int = 0) -> dict[str, Any]:
+    """A simulated remote source in a second process, over real sockets: the mapping error
+    and published uncertainty after each burst."""
+    import zmq
+
+    from fusion_node.clock import MonotonicClock
+    from fusion_node.remote_clock import ClockError, ClockTracker, SimulatedRemoteClock
+
+    command = [sys.executable, "-m", "fusion_node.remote_clock", "serve", "tcp://127.0.0.1:*",
+               "--sim-offset-s", str(offset_s), "--sim-drift-ppm", str(drift_ppm),
+               "--sim-delay-ms", str(delay_ms[0]), str(delay_ms[1]), "--seed", str(seed)]
+    truth = SimulatedRemoteClock(round(offset_s * 1e9), drift_ppm * 1e-6)
+    clock = MonotonicClock()
+    context = zmq.Context()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    tracker = None
+    series = []
+    try:
+        line = process.stdout.readline() if process.stdout else ""
+        if not line:
+            raise ClockError(f"simulated clock source failed to start ({' '.join(command)})")
+        tracker = ClockTracker(context, json.loads(line)["endpoint"], clock)
+        start_ns = next_ns = clock.now_ns()
+        while (now_ns := clock.now_ns()) - start_ns < duration_s * 1e9:
+            mapping = tracker.burst_blocking()
+            if mapping is not None:
+                t_remote_ns = truth.remote_of(clock.now_ns())
+                error_ns = mapping.to_local_ns(t_remote_ns) - truth.local_of(t_remote_ns)
+                series.append({"t_s": round((now_ns - start_ns) / 1e9, 3),
+                               "error_ms": round(error_ns / 1e6, 4),
+                               "uncertainty_ms": round(mapping.uncertainty_ns / 1e6, 4),
+                               "covered": abs(error_ns) <= mapping.uncertainty_ns})
+            next_ns += tracker.period_ns
+            time.sleep(max(0.0, (next_ns - clock.now_ns()) / 1e9))
+    finally:
+        if tracker is not None:
+            tracker.close()
+        process.terminate()
+        process.wait(5)
+        context.term()
+    if not series:
+        raise ClockError("the simulated clock source never answered")
+    final = series[-1]
+    return {"offset_s": offset_s, "drift_ppm": drift_ppm, "one_way_delay_ms": list(delay_ms),
+            "duration_s": duration_s, "final_error_ms": final["error_ms"],
+            "final_uncertainty_ms": final["uncertainty_ms"],
+            "covered_fraction": round(sum(s["covered"] for s in series) / len(series), 4),
+            "timeouts": tracker.timeouts if tracker else 0, "series": series}
+

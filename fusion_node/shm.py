@@ -1,0 +1,452 @@
+"""Shared-memory rings for large payloads between processes on one host (protocol.md §10).
+
+A publisher copies a large array into a slot of a POSIX shared-memory segment
+(`/dev/shm/fusion-node-shm-<pid>-<start>-<n>`) and sends only the header over ZeroMQ, with an
+`shm` map naming the segment, slot, generation, offset and length. A subscriber maps each
+segment once and hands out a read-only numpy view of the slot: no copy on either side of the
+socket beyond the publisher's one write.
+
+Lifetime rule (the lease). A slot is rewritten only after its lease (`lease_ms`, default
+3000 ms, longer than the ~2 s the node's alignment buffer keeps a 30 Hz camera frame) has
+expired. The publisher never waits: when the oldest slot is still leased and no fresh slot
+is left, it sends that message as a plain payload instead (counted in `fallbacks`). A view is
+therefore valid until `ShmLease.expires_ns`; whoever keeps an array longer must copy it. A
+subscriber that reaches a header after its lease (it was too slow) loses the frame: the
+decode raises `ProtocolError("lease_expired")` or `("stale_generation")`, counted like any
+other rejection. Each slot carries a seqlock-style generation (odd while being written);
+`ShmLease.check()` re-reads it after use to prove the bytes were not replaced meanwhile.
+
+Segments are unlinked by `ShmWriter.close()` (and at interpreter exit); a segment left by a
+killed publisher is unlinked by the next `ShmWriter` on the host, which checks each owner's
+pid and start time in /proc.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import re
+import struct
+import time
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from fusion_node.errors import ConfigError, ProtocolError
+
+SHM_DIR = Path("/dev/shm")
+SEGMENT_PREFIX = "fusion-node-shm"
+_NAME = re.compile(rf"^{SEGMENT_PREFIX}-(\d+)-(\d+)-(\d+)$")
+_MAGIC = b"FNSHM\x00\x00\x01"
+# Segment header: magic, slots, slot_size, data_offset, lease_ns, total size.
+_SEGMENT = struct.Struct("<8sQQQQQ")
+_TABLE_OFFSET = 64
+# Per slot: generation (odd while writing), t_written_ns, length.
+_SLOT = struct.Struct("<QqQ")
+_SLOT_STRIDE = 32
+_PAGE = 4096
+_MAX_SLOTS = 4096
+_MAX_MAPPED = 64  # segments a reader keeps mapped; older ones are dropped (views keep theirs)
+
+
+@dataclass(frozen=True, slots=True)
+class ShmConfig:
+    """When and how a publisher uses shared memory.
+
+    threshold_bytes: payloads at least this large go through the ring.
+    slots: slots per stream ring; the most frames one stream can have leased at once.
+    lease_ms: how long a slot stays untouched after it was written.
+    """
+
+    threshold_bytes: int = 64 * 1024
+    slots: int = 128
+    lease_ms: int = 3000
+
+    def __post_init__(self) -> None:
+        if self.threshold_bytes < 1 or not 1 <= self.slots <= _MAX_SLOTS or self.lease_ms < 0:
+            raise ConfigError(f"shared memory: threshold_bytes {self.threshold_bytes} must be "
+                              f">= 1, slots {self.slots} in 1..{_MAX_SLOTS}, lease_ms "
+                              f"{self.lease_ms} >= 0")
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after its end.
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def reclaim_stale_segments() -> list[str]:
+    """Unlink segments whose owning process is gone (killed before it could clean up)."""
+    reclaimed = []
+    for path in SHM_DIR.glob(f"{SEGMENT_PREFIX}-*"):
+        match = _NAME.match(path.name)
+        if match is None:
+            continue
+        pid, start = int(match[1]), int(match[2])
+        if _start_time(pid) == start:  # alive (a reused pid has another start time)
+            continue
+        try:
+            path.unlink()
+            reclaimed.append(path.name)
+        except FileNotFoundError:  # another publisher reclaimed it first
+            pass
+    return reclaimed
+
+
+def segment_names(pid: int | None = None) -> list[str]:
+    """Names of this host's fusion-node segments, optionally only those of `pid`."""
+    names = []
+    for path in SHM_DIR.glob(f"{SEGMENT_PREFIX}-*"):
+        match = _NAME.match(path.name)
+        if match is not None and (pid is None or int(match[1]) == pid):
+            names.append(path.name)
+    return sorted(names)
+
+
+class _Ring:
+    """One segment of equal slots, written by one publisher for one stream."""
+
+    def __init__(self, name: str, slots: int, slot_size: int, lease_ns: int) -> None:
+        self.name = name
+        self.slots = slots
+        self.slot_size = slot_size
+        self.lease_ns = lease_ns
+        self.data_offset = -(-(_TABLE_OFFSET + slots * _SLOT_STRIDE) // _PAGE) * _PAGE
+        size = self.data_offset + slots * slot_size
+        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)  # tmpfs allocates pages on first touch only
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.buf = memoryview(self.map)
+        _SEGMENT.pack_into(self.buf, 0, _MAGIC, slots, slot_size, self.data_offset, lease_ns,
+                           size)
+        self.generation = [0] * slots
+        self.expires_ns = [0] * slots
+        self.in_use: deque[int] = deque()  # written slots, oldest first
+        self.fresh = 0  # slots below this have been written at least once
+        self.loan: tuple[int, np.ndarray] | None = None  # (slot, array) lent to the producer
+
+    def take(self, now_ns: int) -> int | None:
+        """A slot free to write: the oldest expired one, else a fresh one, else None."""
+        if self.in_use and self.expires_ns[self.in_use[0]] <= now_ns:
+            return self.in_use.popleft()
+        if self.fresh < self.slots:
+            self.fresh += 1
+            return self.fresh - 1
+        return None
+
+    def begin(self, slot: int) -> int:
+        """Mark `slot` as being written (odd generation: readers reject it); its offset."""
+        self.generation[slot] += 1
+        struct.pack_into("<Q", self.buf, _TABLE_OFFSET + slot * _SLOT_STRIDE,
+                         self.generation[slot])
+        return self.data_offset + slot * self.slot_size
+
+    def commit(self, slot: int, nbytes: int, now_ns: int) -> int:
+        """Publish what `slot` holds, leased from now; its new (even) generation."""
+        generation = self.generation[slot] + 1
+        _SLOT.pack_into(self.buf, _TABLE_OFFSET + slot * _SLOT_STRIDE, generation, now_ns,
+                        nbytes)
+        self.generation[slot] = generation
+        self.expires_ns[slot] = now_ns + self.lease_ns
+        self.in_use.append(slot)
+        return generation
+
+    def write(self, slot: int, payload: memoryview, now_ns: int) -> tuple[int, int]:
+        """Copy `payload` into `slot`; return (generation, offset)."""
+        offset = self.begin(slot)
+        self.buf[offset:offset + payload.nbytes] = payload
+        return self.commit(slot, payload.nbytes, now_ns), offset
+
+    def release_loan(self) -> None:
+        """Give back a loaned slot that was never sent: reusable at once."""
+        assert self.loan is not None
+        slot = self.loan[0]
+        self.loan = None
+        self.generation[slot] += 1  # even again, but no header names this generation
+        self.expires_ns[slot] = 0
+        self.in_use.appendleft(slot)
+
+    def close(self) -> None:
+        _unlink(self.name)
+        self.loan = None
+        try:
+            self.buf.release()
+            self.map.close()
+        except BufferError:
+            pass  # a loaned array is still alive: the mapping goes when it does
+
+
+def _unlink(name: str) -> None:
+    try:
+        os.unlink(SHM_DIR / name)
+    except FileNotFoundError:
+        pass
+
+
+def _unlink_all(names: set[str]) -> None:
+    for name in list(names):
+        _unlink(name)
+    names.clear()
+
+
+class ShmWriter:
+    """A publisher's rings, one per stream; owned by the publisher's thread."""
+
+    def __init__(self, config: ShmConfig,
+                 clock_ns: Callable[[], int] = time.monotonic_ns) -> None:
+        self.config = config
+        self._clock_ns = clock_ns
+        self._lease_ns = config.lease_ms * 1_000_000
+        self._rings: dict[bytes, _Ring] = {}
+        self._count = 0
+        start = _start_time(os.getpid())
+        self._prefix = f"{SEGMENT_PREFIX}-{os.getpid()}-{start}"
+        self.sent = 0
+        self.loaned = 0  # of those sent, written in place by the producer: no copy
+        self.fallbacks = 0  # large payloads sent plainly: every slot was still leased
+        self.reclaimed = reclaim_stale_segments()
+        # Segments must not outlive the process even if close() is never called.
+        self._names: set[str] = set()
+        self._finalizer = weakref.finalize(self, _unlink_all, self._names)
+
+    def wrap(self, parts: list[Any]) -> list[Any]:
+        """`parts` from `protocol.encode`, with a large payload moved into shared memory.
+
+        Returns `[topic, header + shm]`, or `parts` unchanged when the message is small,
+        not a single-array kind, or no slot is free (never waits)."""
+        if len(parts) != 3:
+            return parts
+        payload = parts[2]
+        if not isinstance(payload, memoryview):
+            payload = memoryview(payload).cast("B")
+        if payload.nbytes < self.config.threshold_bytes:
+            return parts
+        header = parts[1]
+        if not _single_array_kind(header):
+            return parts
+        ring = self._ring(bytes(parts[0]), payload.nbytes)
+        now_ns = self._clock_ns()
+        if ring.loan is not None and _built_on(payload, ring.loan[1]):
+            # The producer wrote the payload into the slot itself: nothing to copy.
+            slot = ring.loan[0]
+            ring.loan = None
+            offset = ring.data_offset + slot * ring.slot_size
+            generation = ring.commit(slot, payload.nbytes, now_ns)
+            self.loaned += 1
+        else:
+            free = ring.take(now_ns)
+            if free is None:
+                self.fallbacks += 1
+                return parts
+            slot = free
+            generation, offset = ring.write(slot, payload, now_ns)
+        self.sent += 1
+        return [parts[0], _with_shm(header, {
+            "segment": ring.name, "slot": slot, "generation": generation, "offset": offset,
+            "length": payload.nbytes})]
+
+    def loan(self, topic: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """A writable array in a free slot for the next message on `topic`, or None if all
+        are leased. Fill it, then send a message carrying exactly this array: it goes out
+        without a copy. A new loan on the same topic gives back one never sent."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        ring = self._ring(topic, nbytes)
+        if ring.loan is not None:
+            ring.release_loan()
+        slot = ring.take(self._clock_ns())
+        if slot is None:
+            self.fallbacks += 1
+            return None
+        offset = ring.begin(slot)
+        array = np.ndarray(shape, dtype, ring.buf[offset:offset + nbytes])
+        ring.loan = (slot, array)
+        return array
+
+    def _ring(self, topic: bytes, nbytes: int) -> _Ring:
+        ring = self._rings.get(topic)
+        if ring is None or ring.slot_size < nbytes:
+            if ring is not None:
+                self._retire(ring)
+            ring = self._new_ring(nbytes)
+            self._rings[topic] = ring
+        return ring
+
+    def _new_ring(self, nbytes: int) -> _Ring:
+        slot_size = -(-nbytes // _PAGE) * _PAGE  # page-aligned slots: aligned arrays
+        name = f"{self._prefix}-{self._count}"
+        self._count += 1
+        ring = _Ring(name, self.config.slots, slot_size, self._lease_ns)
+        self._names.add(name)
+        return ring
+
+    def _retire(self, ring: _Ring) -> None:
+        # Subscribers keep their own mapping of an unlinked segment: views stay valid.
+        ring.close()
+        self._names.discard(ring.name)
+
+    @property
+    def segments(self) -> list[str]:
+        return sorted(ring.name for ring in self._rings.values())
+
+    def close(self) -> None:
+        """Unlink every segment; subscribers' existing mappings stay readable."""
+        for ring in self._rings.values():
+            ring.close()
+        self._rings.clear()
+        self._finalizer()
+
+
+def _built_on(payload: memoryview, array: np.ndarray) -> bool:
+    """True if `payload`, as `encode` made it, views exactly `array`'s memory."""
+    # encode() views the message's own array when it is already C-contiguous little-endian:
+    # payload.obj is then that array or a view of it, and `array` is on its chain of bases.
+    obj = payload.obj
+    while isinstance(obj, np.ndarray):
+        if obj is array:
+            return payload.nbytes == array.nbytes
+        obj = obj.base
+    return False
+
+
+def _single_array_kind(header: Any) -> bool:
+    # The fixed layout headers encode() writes put "kind" early; a substring test is enough
+    # to choose the path (the receiver validates everything anyway).
+    raw = bytes(header)
+    return (b"\xa4kind\xa5frame" in raw or b"\xa4kind\xa5audio" in raw
+            or b"\xa4kind\xa6joints" in raw)
+
+
+def _with_shm(header: Any, shm: dict[str, Any]) -> bytes:
+    """The msgpack map `header` with one more key, `shm`."""
+    raw = bytes(header)
+    extra = msgpack.packb("shm") + msgpack.packb(shm)
+    if 0x80 <= raw[0] < 0x8F:  # fixmap with room for one more key: bump the count
+        return bytes((raw[0] + 1,)) + raw[1:] + extra
+    decoded = msgpack.unpackb(raw, raw=False)
+    decoded["shm"] = shm
+    return msgpack.packb(decoded, use_bin_type=True)
+
+
+def in_shared_memory(array: np.ndarray) -> bool:
+    """True if `array` views a shared-memory ring: copy it to keep it past its lease."""
+    obj: Any = array
+    while isinstance(obj, np.ndarray):
+        obj = obj.base
+    if isinstance(obj, memoryview):
+        obj = obj.obj
+    return isinstance(obj, mmap.mmap)
+
+
+@dataclass(frozen=True, slots=True)
+class ShmLease:
+    """Where a decoded array lives, and until when it is guaranteed not to change."""
+
+    segment: str
+    slot: int
+    generation: int
+    expires_ns: int
+    _table: memoryview
+
+    def valid(self) -> bool:
+        """True while the slot still holds the frame (the seqlock re-check after use)."""
+        return struct.unpack_from("<Q", self._table)[0] == self.generation
+
+    def check(self) -> None:
+        """Raise `ProtocolError("stale_generation")` if the slot was rewritten."""
+        if not self.valid():
+            raise ProtocolError("stale_generation", f"shared-memory slot {self.slot} of "
+                                f"{self.segment!r} was rewritten after it was read")
+
+
+class _Mapped:
+    __slots__ = ("buf", "data_offset", "lease_ns", "map", "slot_size", "slots")
+
+    def __init__(self, name: str) -> None:
+        try:
+            fd = os.open(SHM_DIR / name, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ProtocolError("shm_missing", f"shared-memory segment {name!r} does not "
+                                "exist (publisher gone?)") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < _TABLE_OFFSET:
+                raise ProtocolError("shm_missing", f"segment {name!r} is {size} bytes, not a "
+                                    "fusion-node ring")
+            self.map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self.buf = memoryview(self.map)
+        magic, slots, slot_size, data_offset, lease_ns, total = _SEGMENT.unpack_from(self.buf)
+        if (magic != _MAGIC or total != size or not 0 < slots <= _MAX_SLOTS
+                or data_offset < _TABLE_OFFSET + slots * _SLOT_STRIDE
+                or data_offset + slots * slot_size != size):
+            raise ProtocolError("shm_missing", f"segment {name!r} is not a fusion-node ring")
+        self.slots, self.slot_size = slots, slot_size
+        self.data_offset, self.lease_ns = data_offset, lease_ns
+
+
+class ShmReader:
+    """A subscriber's view of publishers' rings: maps each segment once, validates headers."""
+
+    def __init__(self, clock_ns: Callable[[], int] = time.monotonic_ns) -> None:
+        self._clock_ns = clock_ns
+        self._mapped: OrderedDict[str, _Mapped] = OrderedDict()
+        self.last_lease: ShmLease | None = None
+
+    def resolve(self, shm: Any, where: str) -> memoryview:
+        """The payload an `shm` header map points at, as a read-only view; sets `last_lease`.
+
+        Raises `ProtocolError` with reason `bad_shm`, `shm_missing`, `shm_out_of_range`,
+        `stale_generation` or `lease_expired`."""
+        if type(shm) is not dict:
+            raise ProtocolError("bad_shm", f"{where} shm {shm!r} is not a map")
+        name = shm.get("segment")
+        values = [shm.get(k) for k in ("slot", "generation", "offset", "length")]
+        if type(name) is not str or _NAME.match(name) is None or not all(
+                type(v) is int and 0 <= v < 2**63 for v in values):
+            raise ProtocolError("bad_shm", f"{where} shm {shm!r} needs a fusion-node segment "
+                                "name and non-negative int slot, generation, offset, length")
+        slot, generation, offset, length = values
+        assert slot is not None and generation is not None and offset is not None
+        mapped = self._mapped.get(name)
+        if mapped is None:
+            mapped = _Mapped(name)
+            self._mapped[name] = mapped
+            if len(self._mapped) > _MAX_MAPPED:
+                self._mapped.popitem(last=False)  # live views keep their own reference
+        if (slot >= mapped.slots or length > mapped.slot_size
+                or offset != mapped.data_offset + slot * mapped.slot_size):
+            raise ProtocolError("shm_out_of_range", f"{where} slot {slot} offset {offset} "
+                                f"length {length} is outside {name!r} ({mapped.slots} slots "
+                                f"of {mapped.slot_size} bytes from {mapped.data_offset})")
+        table = mapped.buf[_TABLE_OFFSET + slot * _SLOT_STRIDE:][:_SLOT_STRIDE]
+        current, t_written_ns, written = _SLOT.unpack_from(table)
+        if current != generation or generation % 2 or written != length:
+            raise ProtocolError("stale_generation", f"{where} slot {slot} of {name!r} holds "
+                                f"generation {current}, header says {generation}: the frame "
+                                "was overwritten before it was read")
+        expires_ns = t_written_ns + mapped.lease_ns
+        if self._clock_ns() >= expires_ns:
+            raise ProtocolError("lease_expired", f"{where} slot {slot} of {name!r}: lease "
+                                f"expired {(self._clock_ns() - expires_ns) // 1000} µs ago")
+        self.last_lease = ShmLease(name, slot, generation, expires_ns, table)
+        return mapped.buf[offset:offset + length]
+
+    def close(self) -> None:
+        """Forget every mapping (views still alive keep theirs)."""
+        self._mapped.clear()
+        self.last_lease = None

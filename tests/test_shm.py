@@ -1,0 +1,394 @@
+"""The shared-memory path: real publisher processes, bit-exact frames, leases, clean-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from fusion_node.clock import MonotonicClock
+from fusion_node.errors import ConfigError, ProtocolError
+from fusion_node.protocol import AudioChunk, Frame, JointState, decode, encode
+from fusion_node.shm import (
+    SHM_DIR,
+    ShmConfig,
+    ShmReader,
+    ShmWriter,
+    in_shared_memory,
+    reclaim_stale_segments,
+    segment_names,
+)
+from fusion_node.transport import Publisher, Subscriber, is_local_endpoint
+
+SHAPE = (240, 320, 3)  # 230,400 bytes: above the default 64 KiB threshold
+REPO = Path(__file__).resolve().parents[1]
+
+# A publisher process: sends probes until told "go" on stdin, then `count` frames every
+# `interval_ms`, prints a JSON summary, then waits for a line on stdin (or a SIGKILL).
+_PUBLISHER = r"""
+import json, select, sys, time
+import numpy as np, zmq
+from fusion_node.protocol import Frame, Health
+from fusion_node.shm import ShmConfig
+from fusion_node.transport import Publisher
+
+args = json.loads(sys.argv[1])
+context = zmq.Context()
+pub = Publisher(context, args["endpoint"], hwm=1000,
+                shm=ShmConfig(slots=args["slots"], lease_ms=args["lease_ms"]))
+seq = 0
+while not select.select([sys.stdin], [], [], 0.01)[0]:
+    pub.send(Health("bench.probe", seq, time.monotonic_ns(), {}))
+    seq += 1
+sys.stdin.readline()
+shape = tuple(args["shape"])
+longest_ns = 0
+for i in range(args["count"]):
+    image = (np.arange(np.prod(shape), dtype=np.uint32) * (i + 1) % 251).astype(np.uint8)
+    start = time.monotonic_ns()
+    pub.send(Frame("camera.test", i, start, image.reshape(shape)))
+    longest_ns = max(longest_ns, time.monotonic_ns() - start)
+    time.sleep(args["interval_ms"] / 1000)
+print(json.dumps({"sent": args["count"], "longest_send_ms": longest_ns / 1e6,
+                  "shm_sent": pub.shm.sent, "fallbacks": pub.shm.fallbacks,
+                  "segments": pub.shm.segments}), flush=True)
+sys.stdin.readline()
+pub.close()
+context.term()
+"""
+
+
+def expected_image(i: int, shape: tuple[int, ...] = SHAPE) -> np.ndarray:
+    image = (np.arange(np.prod(shape), dtype=np.uint32) * (i + 1) % 251).astype(np.uint8)
+    return image.reshape(shape)
+
+
+class PublisherProcess:
+    def __init__(self, endpoint: str, count: int, interval_ms: float = 1.0, slots: int = 64,
+                 lease_ms: int = 3000) -> None:
+        args = {"endpoint": endpoint, "count": count, "interval_ms": interval_ms,
+                "slots": slots, "lease_ms": lease_ms, "shape": list(SHAPE)}
+        self.proc = subprocess.Popen([sys.executable, "-c", _PUBLISHER, json.dumps(args)],
+                                     cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def summary(self) -> dict:
+        assert self.proc.stdout is not None
+        return json.loads(self.proc.stdout.readline())
+
+    def finish(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("exit\n")
+        self.proc.stdin.flush()
+        assert self.proc.wait(10) == 0
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context]:
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def start(context: zmq.Context, endpoint: str, publisher: PublisherProcess) -> Subscriber:
+    """Subscribe, wait for the publisher's probes (no slow-joiner loss), then say go."""
+    subscriber = Subscriber(context, [endpoint], MonotonicClock(), hwm=1000)
+    deadline = time.monotonic() + 20
+    while subscriber.recv(100) is None:
+        assert time.monotonic() < deadline, "publisher process never started"
+    publisher.go()
+    return subscriber
+
+
+def next_frame(subscriber: Subscriber) -> Frame | None:
+    while True:
+        msg = subscriber.recv(5000)
+        if msg is None or isinstance(msg, Frame):
+            return msg
+
+
+def test_frames_from_another_process_arrive_bit_exact_through_shm(
+        context: zmq.Context, tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/cam.ipc"
+    publisher = PublisherProcess(endpoint, count=40, interval_ms=2)
+    try:
+        subscriber = start(context, endpoint, publisher)
+        for i in range(40):
+            frame = next_frame(subscriber)
+            assert frame is not None and frame.seq == i
+            lease = subscriber.last_lease
+            assert lease is not None, "frame did not come through shared memory"
+            assert not frame.image.flags.writeable
+            np.testing.assert_array_equal(frame.image, expected_image(i))
+            assert lease.valid()
+        summary = publisher.summary()
+        assert summary["shm_sent"] == 40 and summary["fallbacks"] == 0
+        assert dict(subscriber.rejected) == {}
+        subscriber.close()
+        publisher.finish()
+        assert not (SHM_DIR / summary["segments"][0]).exists()  # unlinked on close
+    finally:
+        publisher.kill()
+
+
+def test_a_subscriber_holding_a_frame_never_stalls_the_publisher(
+        context: zmq.Context, tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/cam.ipc"
+    publisher = PublisherProcess(endpoint, count=150, interval_ms=2, slots=4, lease_ms=40)
+    try:
+        subscriber = start(context, endpoint, publisher)
+        held = next_frame(subscriber)
+        assert held is not None and held.seq == 0
+        lease = subscriber.last_lease
+        assert lease is not None
+        summary = publisher.summary()  # while we hold frame 0 and read nothing
+        assert summary["sent"] == 150
+        assert summary["longest_send_ms"] < 100  # never waited for us
+        assert summary["shm_sent"] > 4  # slots were reused once their lease expired ...
+        assert summary["fallbacks"] > 0  # ... and sent plainly while all four were leased
+        assert not lease.valid()  # the seqlock re-check sees the frame was replaced
+        with pytest.raises(ProtocolError) as exc:
+            lease.check()
+        assert exc.value.reason == "stale_generation"
+        received = [frame.seq for frame in iter(lambda: next_frame_or_none(subscriber), None)]
+        lost = subscriber.rejected["stale_generation"] + subscriber.rejected["lease_expired"]
+        assert lost > 0, "the frames this subscriber was too slow for are counted"
+        assert len(received) + lost == 149
+        subscriber.close()
+        publisher.finish()
+    finally:
+        publisher.kill()
+
+
+def next_frame_or_none(subscriber: Subscriber) -> Frame | None:
+    msg = subscriber.recv(300)
+    while msg is not None and not isinstance(msg, Frame):
+        msg = subscriber.recv(300)
+    return msg
+
+
+def test_sigkilled_publisher_leaves_no_segment_after_next_start(
+        context: zmq.Context, tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/cam.ipc"
+    publisher = PublisherProcess(endpoint, count=3, interval_ms=1)
+    try:
+        subscriber = start(context, endpoint, publisher)
+        summary = publisher.summary()
+        subscriber.close()
+        publisher.proc.send_signal(signal.SIGKILL)
+        publisher.proc.wait(10)
+        leaked = summary["segments"]
+        assert leaked and all((SHM_DIR / name).exists() for name in leaked)
+        writer = ShmWriter(ShmConfig())  # the next start
+        assert set(leaked) <= set(writer.reclaimed)
+        assert not any((SHM_DIR / name).exists() for name in leaked)
+        writer.close()
+    finally:
+        publisher.kill()
+
+
+def test_reclaim_spares_live_publishers() -> None:
+    writer = ShmWriter(ShmConfig())
+    parts = writer.wrap(encode(Frame("camera.test", 0, 1, expected_image(0))))
+    assert len(parts) == 2
+    assert reclaim_stale_segments() == []  # we are alive
+    assert segment_names(os.getpid()) == writer.segments
+    writer.close()
+    assert segment_names(os.getpid()) == []
+
+
+# -- validation of shared-memory headers ------------------------------------------------------
+
+@pytest.fixture
+def shm_message() -> Iterator[tuple[ShmWriter, list]]:
+    writer = ShmWriter(ShmConfig(slots=4))
+    parts = writer.wrap(encode(Frame("camera.test", 7, 123, expected_image(7))))
+    yield writer, parts
+    writer.close()
+
+
+def with_shm(parts: list, **changes: object) -> list:
+    header = msgpack.unpackb(parts[1])
+    header["shm"] = {**header["shm"], **changes} if changes else header["shm"]
+    return [parts[0], msgpack.packb(header)]
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"slot": 4}, "shm_out_of_range"),
+    ({"slot": 2**40}, "shm_out_of_range"),
+    ({"offset": 0}, "shm_out_of_range"),
+    ({"length": 1 << 30}, "shm_out_of_range"),
+    ({"generation": 4}, "stale_generation"),
+    ({"generation": 1}, "stale_generation"),
+    ({"length": 1000}, "stale_generation"),  # not what the slot holds
+    ({"segment": "fusion-node-shm-1-1-999"}, "shm_missing"),
+    ({"segment": "../../etc/passwd"}, "bad_shm"),
+    ({"slot": -1}, "bad_shm"),
+    ({"generation": True}, "bad_shm"),
+])
+def test_corrupt_shm_header_is_rejected_with_a_reason(
+        shm_message: tuple[ShmWriter, list], changes: dict, reason: str) -> None:
+    _, parts = shm_message
+    reader = ShmReader()
+    frame = decode(with_shm(parts), 0, reader)  # the intact header decodes
+    np.testing.assert_array_equal(frame.image, expected_image(7))
+    assert in_shared_memory(frame.image) and not in_shared_memory(frame.image.copy())
+    with pytest.raises(ProtocolError) as exc:
+        decode(with_shm(parts, **changes), 0, reader)
+    assert exc.value.reason == reason
+
+
+def test_shm_header_not_a_map_and_receiver_without_shm(
+        shm_message: tuple[ShmWriter, list]) -> None:
+    _, parts = shm_message
+    header = msgpack.unpackb(parts[1])
+    with pytest.raises(ProtocolError) as exc:
+        decode([parts[0], msgpack.packb({**header, "shm": [1, 2]})], 0, ShmReader())
+    assert exc.value.reason == "bad_shm"
+    with pytest.raises(ProtocolError) as exc:
+        decode(parts)
+    assert exc.value.reason == "shm_unsupported"
+
+
+def test_a_header_read_after_its_lease_is_a_counted_loss(
+        shm_message: tuple[ShmWriter, list]) -> None:
+    _, parts = shm_message
+    later = ShmReader(clock_ns=lambda: time.monotonic_ns() + 10 * 10**9)
+    with pytest.raises(ProtocolError) as exc:
+        decode(parts, 0, later)
+    assert exc.value.reason == "lease_expired"
+
+
+def test_subscriber_counts_corrupt_shm_headers(
+        context: zmq.Context, tmp_path: Path, shm_message: tuple[ShmWriter, list]) -> None:
+    _, parts = shm_message
+    endpoint = f"ipc://{tmp_path}/raw.ipc"
+    socket = context.socket(zmq.PUB)
+    socket.bind(endpoint)
+    subscriber = Subscriber(context, [endpoint], MonotonicClock())
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # slow joiner: resend the good one until it arrives
+            socket.send_multipart(with_shm(parts))
+            if subscriber.recv(50) is not None:
+                break
+            assert time.monotonic() < deadline
+        while subscriber.recv(300) is not None:  # the good copies still in flight
+            pass
+        subscriber.rejected.clear()
+        for bad in ({"slot": 99}, {"generation": 10}, {"segment": "fusion-node-shm-1-1-1"}):
+            socket.send_multipart(with_shm(parts, **bad))
+        socket.send_multipart(with_shm(parts))
+        frame = subscriber.recv(2000)  # the bad ones are skipped, never raised
+        assert isinstance(frame, Frame) and frame.seq == 7
+        assert subscriber.rejected == {"shm_out_of_range": 1, "stale_generation": 1,
+                                       "shm_missing": 1}
+    finally:
+        subscriber.close()
+        socket.close(linger=0)
+
+
+# -- choosing the path ------------------------------------------------------------------------
+
+def test_small_messages_and_predictions_stay_plain() -> None:
+    writer = ShmWriter(ShmConfig(threshold_bytes=1024))
+    small = encode(Frame("camera.small", 0, 1, np.zeros((8, 8, 3), np.uint8)))
+    assert writer.wrap(small) is small
+    big_audio = encode(AudioChunk("audio.mic0", 0, 1, 16000, 0, np.zeros((4096, 1), np.int16)))
+    assert len(writer.wrap(big_audio)) == 2
+    joints = encode(JointState("joints.arm", 0, 1, ("a",) * 64, *np.zeros((3, 64))))
+    assert len(writer.wrap(joints)) == 2
+    decoded = decode(writer.wrap(joints), 0, ShmReader())
+    assert isinstance(decoded, JointState) and decoded.position.shape == (64,)
+    writer.close()
+
+
+def test_growing_payload_moves_to_a_bigger_segment() -> None:
+    writer = ShmWriter(ShmConfig())
+    reader = ShmReader()
+    first = decode(writer.wrap(encode(Frame("camera.x", 0, 1, expected_image(0)))), 0, reader)
+    old = writer.segments
+    bigger = expected_image(1, (480, 640, 3))
+    second = decode(writer.wrap(encode(Frame("camera.x", 1, 1, bigger))), 0, reader)
+    assert writer.segments != old and not (SHM_DIR / old[0]).exists()
+    np.testing.assert_array_equal(second.image, bigger)
+    np.testing.assert_array_equal(first.image, expected_image(0))  # old mapping still alive
+    writer.close()
+
+
+def test_publisher_chooses_shm_only_for_local_endpoints(context: zmq.Context,
+                                                        tmp_path: Path) -> None:
+    assert is_local_endpoint("ipc:///tmp/x.ipc") and is_local_endpoint("inproc://x")
+    assert is_local_endpoint("tcp://127.0.0.1:5599") and is_local_endpoint("tcp://localhost:1")
+    assert not is_local_endpoint("tcp://10.0.0.2:5599")
+    assert not is_local_endpoint("tcp://robot.local:5599")
+    endpoint = f"ipc://{tmp_path}/plain.ipc"
+    plain = Publisher(context, endpoint, shm=None)
+    subscriber = Subscriber(context, [endpoint], MonotonicClock())
+    try:
+        image = expected_image(3)
+        deadline = time.monotonic() + 10
+        while (frame := subscriber.recv(50)) is None:
+            plain.send(Frame("camera.plain", 0, 1, image))
+            assert time.monotonic() < deadline
+        assert isinstance(frame, Frame) and subscriber.last_lease is None
+        np.testing.assert_array_equal(frame.image, image)
+        assert plain.shm is None
+    finally:
+        subscriber.close()
+        plain.close()
+
+
+def test_config_is_checked() -> None:
+    with pytest.raises(ConfigError):
+        ShmConfig(slots=0)
+    with pytest.raises(ConfigError):
+        ShmConfig(threshold_bytes=0)
+
+
+def test_loaned_slot_is_sent_without_a_copy(context: zmq.Context, tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/loan.ipc"
+    publisher = Publisher(context, endpoint, shm=ShmConfig(slots=2))
+    subscriber = Subscriber(context, [endpoint], MonotonicClock())
+    try:
+        deadline = time.monotonic() + 10
+        while subscriber.recv(50) is None:  # slow joiner
+            publisher.send(Frame("camera.loan", 0, 1, np.zeros((4, 4, 3), np.uint8)))
+            assert time.monotonic() < deadline
+        image = publisher.loan("camera.loan", SHAPE)
+        image[...] = expected_image(5)
+        assert publisher.shm is not None
+        publisher.send(Frame("camera.loan", 1, 1, image))
+        assert publisher.shm.sent == 1
+        publisher.loan("camera.loan", SHAPE)  # never sent: given back by the next loan
+        image = publisher.loan("camera.loan", SHAPE)
+        image[...] = expected_image(6)
+        publisher.send(Frame("camera.loan", 2, 1, image))
+        received = [m for m in iter(lambda: subscriber.recv(500), None) if m.seq > 0]
+        assert [m.seq for m in received] == [1, 2]
+        for msg, i in zip(received, (5, 6)):
+            np.testing.assert_array_equal(msg.image, expected_image(i))
+        assert publisher.shm.fallbacks == 0 and publisher.shm.loaned == 2
+    finally:
+        subscriber.close()
+        publisher.close()

@@ -152,7 +152,9 @@ class Subscriber:
         self.last_error: str = ""
 
     def recv(self, timeout_ms: int) -> Message | None:
-        """Next valid message, or None if none arrived within `timeout_ms`."""
+        """Next valid message, or None if none arrived within `timeout_ms`. Rejected
+        messages are counted and skipped; waiting goes on until the timeout."""
+        deadline_ns = self._clock.now_ns() + timeout_ms * 1_000_000
         while self._poller.poll(timeout_ms):
             parts = self._socket.recv_multipart(copy=False)
             t_receive_ns = self._clock.now_ns()
@@ -163,7 +165,7 @@ class Subscriber:
             except ProtocolError as exc:
                 self.rejected[exc.reason] += 1
                 self.last_error = str(exc)
-            timeout_ms = 0
+            timeout_ms = max(0, (deadline_ns - self._clock.now_ns()) // 1_000_000)
         return None
 
     @property

@@ -61,6 +61,7 @@ from fusion_node.protocol import (
     decode,
     encode,
 )
+from fusion_node.shm import in_shared_memory
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +370,20 @@ def _nbytes(msg: Message | WindowCut) -> int:
     return 4096  # health: a few KB of msgpack
 
 
+
+def _owned(msg: Message | WindowCut) -> Message | WindowCut:
+    """`msg` with arrays that view a shared-memory ring copied: a queued frame may wait
+    longer than the ring's lease, after which its slot is rewritten."""
+    if isinstance(msg, Frame) and in_shared_memory(msg.image):
+        return dataclasses.replace(msg, image=msg.image.copy())
+    if isinstance(msg, AudioChunk) and in_shared_memory(msg.samples):
+        return dataclasses.replace(msg, samples=msg.samples.copy())
+    if isinstance(msg, JointState) and in_shared_memory(msg.position):
+        return dataclasses.replace(msg, position=msg.position.copy(),
+                                   velocity=msg.velocity.copy(), effort=msg.effort.copy())
+    return msg
+
+
 class Recorder:
     """Records messages on its own writer thread through a bounded queue.
 
@@ -428,6 +443,7 @@ class Recorder:
             raise ValueError("a window cut needs its log time")
         else:
             t_ns = msg.t_receive_ns
+        msg = _owned(msg)
         size = _nbytes(msg)
         with self._lock:
             if not self._accepting:

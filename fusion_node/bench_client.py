@@ -19,6 +19,7 @@ _MS = 1_000_000
 
 
 def _prediction(topic: str, seq: int, t_ref_ns: int) -> Prediction:
+    arrays: dict[str, np.ndarray]
     if topic == "pred.action":
         arrays = {"actions": np.zeros((20, 3), np.float32),
                   "step_times_ns": t_ref_ns + 20 * _MS * np.arange(1, 21, dtype=np.int64)}

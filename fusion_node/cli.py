@@ -116,6 +116,10 @@ def _bench(args: argparse.Namespace) -> None:
         from fusion_node.cli_calibrate import run_clock_bench
 
         result = run_clock_bench(duration_s=args.duration)
+    elif args.what == "client":
+        from fusion_node.bench_client import run_client_bench
+
+        result = run_client_bench(duration_s=args.duration)
     elif args.what == "record":
         from fusion_node.cli_log import run_record_bench
 
@@ -163,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure transport, pipeline or engine "
                                 "performance")
-    bench.add_argument("what", choices=("transport", "pipeline", "engines", "record", "clock"))
+    bench.add_argument("what", choices=("transport", "pipeline", "engines", "record",
+                                               "clock", "client"))
     bench.add_argument("--json", action="store_true", help="one-line JSON")
     bench.add_argument("--count", type=int, default=2000, help="messages per kind (transport)")
     bench.add_argument("--duration", type=float, default=20.0,

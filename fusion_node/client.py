@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Self
 
 import numpy as np
 import zmq
@@ -65,7 +66,7 @@ class Client:
         """
         newest: dict[bytes, list] = {}
         # ZMQ_EVENTS is one getsockopt; poll() would build a poller on every call.
-        while self._socket.get(zmq.EVENTS) & zmq.POLLIN:
+        while int(self._socket.get(zmq.EVENTS)) & zmq.POLLIN:
             parts = self._socket.recv_multipart(copy=False)
             newest[parts[0].bytes] = parts
         for parts in newest.values():
@@ -106,7 +107,7 @@ class Client:
         if self._owns_context:
             self._context.term()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

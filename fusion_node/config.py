@@ -6,7 +6,7 @@ Durations are written in `_ms` / `_s` and converted to integer ns here, once.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -91,7 +91,7 @@ class NodeConfig:
     startup_timeout_ns: int
     drivers: tuple[DriverConfig, ...]
     engines: tuple[EngineConfig, ...]
-    restart: RestartPolicy = RestartPolicy()
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
     connect: tuple[str, ...] = ()
     streams: tuple[StreamConfig, ...] = ()
     record: RecordConfig | None = None

@@ -24,11 +24,11 @@ def _ms(summary: dict[str, Any] | None, key: str) -> str:
 def render(stats: dict[str, Any]) -> str:
     """One screen of text from a `node.health` stats map (unknown keys are ignored)."""
     drivers = stats.get("drivers", {})
-    lines = [f"fusion-node  up {stats.get('uptime_s', 0):.0f} s   "
-             f"publisher {stats.get('publisher_priority', '-')}   "
-             f"publish − deadline p50 {_ms(stats.get('publish_jitter'), 'p50_ms')} "
-             f"p99 {_ms(stats.get('publish_jitter'), 'p99_ms')} "
-             f"max {_ms(stats.get('publish_jitter'), 'max_ms')} ms", ""]
+    jitter = stats.get("publish_jitter")
+    lines = [(f"fusion-node  up {stats.get('uptime_s', 0):.0f} s   "
+              f"publisher {stats.get('publisher_priority', '-')}   "
+              f"publish − deadline p50 {_ms(jitter, 'p50_ms')} p99 {_ms(jitter, 'p99_ms')} "
+              f"max {_ms(jitter, 'max_ms')} ms"), ""]
     lines.append(f"{'stream':<16}{'rate Hz':>9}{'received':>10}{'age ms':>9}{'lost':>7}"
                  f"{'too old':>9}{'dup':>6}  driver")
     for name, stream in stats.get("streams", {}).items():
@@ -42,8 +42,8 @@ def render(stats: dict[str, Any]) -> str:
         lines.append(f"{name:<16}{stream.get('rate_hz', 0):>9.1f}{stream.get('received', 0):>10}"
                      f"{'-' if age is None else f'{age:.1f}':>9}{stream.get('seq_gaps', 0):>7}"
                      f"{stream.get('too_old', 0):>9}{stream.get('duplicates', 0):>6}  {state}")
-    lines += ["", f"{'engine':<10}{'published':>10}{'late':>6}{'skipped':>8}{'missing':>8}"
-              f"{'infer p50':>10}{'p99':>7}{'ready p50':>10}{'p99':>7}  priority"]
+    lines += ["", (f"{'engine':<10}{'published':>10}{'late':>6}{'skipped':>8}{'missing':>8}"
+                   f"{'infer p50':>10}{'p99':>7}{'ready p50':>10}{'p99':>7}  priority")]
     for name, engine in stats.get("engines", {}).items():
         lines.append(f"{name:<10}{engine.get('published', 0):>10}"
                      f"{engine.get('deadline_misses', 0):>6}{engine.get('skipped_ticks', 0):>8}"

@@ -125,3 +125,12 @@ def test_client_imports_no_heavy_modules():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_client_bench_reports_latest_cost():
+    from fusion_node.bench_client import run_client_bench
+
+    result = run_client_bench(duration_s=1.0, rate_hz=200.0)
+    assert result["calls"] == 200
+    assert 0 < result["latest_us"]["p50"] <= result["latest_us"]["max"]
+    assert result["calls_with_a_new_chunk"] > 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,50 +33,13 @@ import numpy as np
 
 from engines.base import TensorSpec
 from fusion_node.errors import ConfigError
+from fusion_node.tables import Table
 
 INPUT_KINDS = ("audio", "image", "joints", "valid", "state", "constant")
 TRANSFORMS = ("waveform", "log_mel")
 PUBLISH = ("last", "array", "argmax")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
 JOINT_FIELDS = ("position", "velocity", "effort")
-
-
-class _Table:
-    """A spec table read once: unknown keys are errors, not silently ignored."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{where} must be a table, got {data!r}")
-        self._data = dict(data)
-        self.where = where
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-        if key not in self._data:
-            if default is ...:
-                raise ConfigError(f"{self.where}: missing required key {key!r}")
-            return default
-        value = self._data.pop(key)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
-            raise ConfigError(f"{self.where}.{key} = {value!r} has the wrong type")
-        return value
-
-    def positive(self, key: str, default: Any = ...) -> int:
-        value = self.get(key, int, default)
-        if value <= 0:
-            raise ConfigError(f"{self.where}.{key} = {value} must be positive")
-        return int(value)
-
-    def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> str:
-        value = self.get(key, str, default)
-        if value not in choices:
-            raise ConfigError(f"{self.where}.{key} = {value!r} is not one of {choices}")
-        return str(value)
-
-    def done(self) -> None:
-        if self._data:
-            raise ConfigError(f"{self.where}: unknown key(s) {sorted(self._data)}")
 
 
 @dataclass(frozen=True)
@@ -304,7 +266,7 @@ def load_spec_table(value: Any, where: str) -> dict[str, Any]:
 
 def parse_spec(data: Any, where: str) -> EngineSpec:
     """Parse and check a spec table (`inputs`, `outputs`); ConfigError names what is wrong."""
-    root = _Table(data, where)
+    root = Table(data, where)
     inputs_table = root.get("inputs", dict)
     outputs_table = root.get("outputs", dict, {})
     root.done()
@@ -327,7 +289,7 @@ def parse_spec(data: Any, where: str) -> EngineSpec:
 
 
 def _input(name: str, data: Any, where: str) -> SpecInput:
-    table = _Table(data, where)
+    table = Table(data, where)
     kind = table.choice("kind", INPUT_KINDS)
     shape_value = table.get("shape", list, None)
     source: Source
@@ -374,7 +336,7 @@ def _input(name: str, data: Any, where: str) -> SpecInput:
 
 
 def _output(name: str, data: Any, where: str) -> SpecOutput:
-    table = _Table(data, where)
+    table = Table(data, where)
     out = SpecOutput(
         name=name, field=table.get("field", str),
         publish=table.choice("publish", PUBLISH, "last"),

@@ -16,6 +16,7 @@ from engines.backends import BACKENDS, PRECISIONS
 from engines.spec import load_spec_table, parse_spec
 from fusion_node.errors import ConfigError
 from fusion_node.supervisor import RestartPolicy
+from fusion_node.tables import Table
 
 DEFAULT_PUB = "tcp://127.0.0.1:5599"
 # Per-kind ring sizes: about 2 s of each default stream, and ~60 MB of 640x480 frames.
@@ -104,43 +105,8 @@ class NodeConfig:
         return capacities
 
 
-class _Table:
-    """A TOML table read once: every key must be used, so typos are errors, not defaults."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where} must be a table, got {data!r}")
-        self._data = dict(data)
-        self._where = where
-        self._known: list[str] = []
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-        self._known.append(key)
-        if key not in self._data:
-            if default is ...:
-                raise ConfigError(f"{self._where}: missing required key {key!r}")
-            return default
-        value = self._data.pop(key)
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
-            raise ConfigError(f"{self._where}.{key} = {value!r} is not a "
-                              f"{getattr(kind, '__name__', kind)}")
-        return value
-
-    def ms(self, key: str, default: float | None = None) -> int:
-        """A duration in ms as integer ns; without a default the key is required."""
-        value = self.get(key, float) if default is None else self.get(key, float, default)
-        return round(value * 1_000_000)
-
-    def done(self) -> None:
-        if self._data:
-            raise ConfigError(f"{self._where}: unknown key(s) {sorted(self._data)}; allowed: "
-                              f"{', '.join(sorted(self._known))}")
-
-
 def _driver(data: Any, index: int) -> DriverConfig:
-    table = _Table(data, f"drivers[{index}]")
+    table = Table(data, f"drivers[{index}]")
     kind = table.get("kind", str)
     if kind not in DRIVER_KIND_TO_SAMPLE:
         raise ConfigError(f"drivers[{index}].kind = {kind!r} is not one of "
@@ -156,7 +122,7 @@ def _driver(data: Any, index: int) -> DriverConfig:
 
 
 def _stream(data: Any, index: int) -> StreamConfig:
-    table = _Table(data, f"streams[{index}]")
+    table = Table(data, f"streams[{index}]")
     kind = table.get("kind", str)
     if kind not in DEFAULT_CAPACITY:
         raise ConfigError(f"streams[{index}].kind = {kind!r} is not one of "
@@ -172,7 +138,7 @@ def _stream(data: Any, index: int) -> StreamConfig:
 
 
 def _engine(data: Any, index: int) -> EngineConfig:
-    table = _Table(data, f"engines[{index}]")
+    table = Table(data, f"engines[{index}]")
     name = table.get("name", str)
     where = f"engine {name!r}"
     # A user's model is bound by an engine spec (inline table or TOML file), no code.
@@ -214,7 +180,7 @@ RECORD_COMPRESSIONS = ("lz4", "zstd", "none")
 def _record(data: Any) -> RecordConfig | None:
     if data is None:
         return None
-    table = _Table(data, "record")
+    table = Table(data, "record")
     topics = table.get("topics", list, [])
     if not all(isinstance(t, str) for t in topics):
         raise ConfigError(f"record.topics = {topics!r} must be a list of topic names")
@@ -253,8 +219,8 @@ def _parse_config(text: str, source: str) -> NodeConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML ({exc})") from None
-    root = _Table(data, source)
-    node = _Table(root.get("node", dict, {}), "node")
+    root = Table(data, source)
+    node = Table(root.get("node", dict, {}), "node")
     drivers = tuple(_driver(d, i) for i, d in enumerate(root.get("drivers", list, [])))
     engines = tuple(_engine(e, i) for i, e in enumerate(root.get("engines", list, [])))
     external = tuple(_stream(s, i) for i, s in enumerate(root.get("streams", list, [])))

@@ -21,7 +21,7 @@ from drivers.process import publish_driver
 from drivers.registry import KINDS, create_driver
 from fusion_node.clock import MonotonicClock
 from fusion_node.errors import ConfigError, DriverError
-from fusion_node.transport import Publisher
+from fusion_node.transport import DEFAULT_SHM, Publisher
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,6 +32,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream", required=True, help="stream name, e.g. camera.front")
     parser.add_argument("--endpoint", required=True, help="endpoint to bind, e.g. ipc://...")
     parser.add_argument("--config", default="{}", help="driver config as a JSON object")
+    parser.add_argument("--no-shared-memory", action="store_true",
+                        help="send large payloads inline, for subscribers that cannot map "
+                        "shared memory (another host, C++ clients)")
     return parser.parse_args(argv)
 
 
@@ -63,7 +66,8 @@ async def _serve(args: argparse.Namespace, config: dict[str, Any]) -> None:
     driver = create_driver(args.kind, args.stream, config, MonotonicClock())
     context = zmq.Context()
     try:
-        publisher = Publisher(context, args.endpoint)
+        publisher = Publisher(context, args.endpoint,
+                              shm=None if args.no_shared_memory else DEFAULT_SHM)
         try:
             task = asyncio.current_task()
             if task is None:  # asyncio.run always runs us in a task

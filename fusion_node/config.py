@@ -37,6 +37,9 @@ class DriverConfig:
     endpoint: str | None
     config: dict[str, Any]
     capacity: int
+    # Large payloads through a shared-memory ring (protocol.md §10); off for subscribers
+    # that cannot map it: another host, or a client without the extension.
+    shared_memory: bool = True
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,8 @@ def _driver(data: Any, index: int) -> DriverConfig:
         kind=kind, stream=stream, process=table.get("process", bool, True),
         endpoint=table.get("endpoint", str, None), config=table.get("config", dict, {}),
         capacity=table.get("buffer_capacity", int,
-                           DEFAULT_CAPACITY[DRIVER_KIND_TO_SAMPLE[kind]]))
+                           DEFAULT_CAPACITY[DRIVER_KIND_TO_SAMPLE[kind]]),
+        shared_memory=table.get("shared_memory", bool, True))
     table.done()
     return driver
 

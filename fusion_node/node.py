@@ -182,7 +182,8 @@ class Node:
             self.driver_processes[driver.stream] = SupervisedProcess(
                 f"driver {driver.stream}",
                 [sys.executable, "-m", "drivers", "--kind", driver.kind, "--stream",
-                 driver.stream, "--endpoint", endpoint, "--config", json.dumps(driver.config)],
+                 driver.stream, "--endpoint", endpoint, "--config", json.dumps(driver.config),
+                 *([] if driver.shared_memory else ["--no-shared-memory"])],
                 self.config.restart)
             endpoints.append(endpoint)
         return endpoints

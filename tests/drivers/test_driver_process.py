@@ -23,9 +23,9 @@ EXIT_TIMEOUT_S = 10  # hang guard only
 
 
 def start_driver(kind: str, stream: str, endpoint: str,
-                 config: dict | None = None) -> subprocess.Popen:
+                 config: dict | None = None, *extra: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "drivers", "--kind", kind, "--stream", stream,
-            "--endpoint", endpoint]
+            "--endpoint", endpoint, *extra]
     if config is not None:
         args += ["--config", json.dumps(config)]
     return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -145,3 +145,19 @@ def test_bad_config_or_device_exits_one_with_one_line(tmp_path, processes, kind,
     assert process.returncode == 1
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], stderr
+
+
+def test_frames_inline_without_shared_memory(tmp_path, context, processes):
+    """`--no-shared-memory`: a subscriber that cannot map shared memory gets whole frames."""
+    endpoint = f"ipc://{tmp_path}/camera.ipc"
+    processes.append(start_driver("sim_camera", "camera.front", endpoint, None,
+                                  "--no-shared-memory"))
+    subscriber = Subscriber(context, [endpoint], MonotonicClock(), shm=False)
+    try:
+        frames = receive(subscriber, 3, Frame)
+    finally:
+        subscriber.close()
+    assert all(f.image.shape == (480, 640, 3) for f in frames)
+    assert not subscriber.rejected
+    code, _ = stop(processes[-1])
+    assert code == 0

@@ -116,15 +116,19 @@ class OnnxRuntimeEngine:
 
 def load_metadata(path: str | Path) -> dict[str, str]:
     """The ONNX file's `metadata_props` (name, version, tensor specs, preprocessing, ...)."""
-    path = Path(path)
+    return dict(_inspection_session(Path(path)).get_modelmeta().custom_metadata_map)
+
+
+def _inspection_session(path: Path) -> ort.InferenceSession:
+    """A session only for reading declarations and metadata: no graph optimisation."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise EngineError(f"engine model {path}: cannot read: {exc}") from exc
     options = ort.SessionOptions()
-    # Only the metadata is wanted: skip graph optimisation to load fast.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return dict(_session(data, path, options).get_modelmeta().custom_metadata_map)
+    options.log_severity_level = 3
+    return _session(data, path, options)
 
 
 def _session(data: bytes, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
@@ -152,14 +156,7 @@ def describe(path: str | Path) -> dict[str, object]:
     """A model's declared inputs and outputs (dynamic dims as their names or None) and its
     metadata, without fixing any shape: what `fusion-node engine info` shows."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EngineError(f"engine model {path}: cannot read: {exc}") from exc
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = _session(data, path, options)
+    session = _inspection_session(path)
 
     def tensors(args: list[ort.NodeArg]) -> list[dict[str, object]]:
         return [{"name": a.name, "shape": list(a.shape), "dtype": _DTYPES.get(a.type, a.type)}

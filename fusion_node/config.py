@@ -110,10 +110,7 @@ class NodeConfig:
 
 def _driver(data: Any, index: int) -> DriverConfig:
     table = Table(data, f"drivers[{index}]")
-    kind = table.get("kind", str)
-    if kind not in DRIVER_KIND_TO_SAMPLE:
-        raise ConfigError(f"drivers[{index}].kind = {kind!r} is not one of "
-                          f"{sorted(DRIVER_KIND_TO_SAMPLE)}")
+    kind = table.choice("kind", tuple(sorted(DRIVER_KIND_TO_SAMPLE)))
     stream = table.get("stream", str)
     driver = DriverConfig(
         kind=kind, stream=stream, process=table.get("process", bool, True),
@@ -127,10 +124,7 @@ def _driver(data: Any, index: int) -> DriverConfig:
 
 def _stream(data: Any, index: int) -> StreamConfig:
     table = Table(data, f"streams[{index}]")
-    kind = table.get("kind", str)
-    if kind not in DEFAULT_CAPACITY:
-        raise ConfigError(f"streams[{index}].kind = {kind!r} is not one of "
-                          f"{sorted(DEFAULT_CAPACITY)}")
+    kind = table.choice("kind", tuple(sorted(DEFAULT_CAPACITY)))
     stream = StreamConfig(table.get("name", str), kind,
                           table.get("buffer_capacity", int, DEFAULT_CAPACITY[kind]),
                           table.get("clock", str, None))

@@ -106,6 +106,10 @@ class TorchEngine:
         module_name, _, class_name = target.partition(":")
         try:
             module_cls = getattr(importlib.import_module(module_name), class_name)
+            # The name comes from the model file: only a torch module class may be built
+            # from it, never an arbitrary callable such as os:system.
+            if not (isinstance(module_cls, type) and issubclass(module_cls, torch.nn.Module)):
+                raise TypeError(f"{target} is not a torch.nn.Module class")
             module = module_cls(**json.loads(meta.get("torch_init", "{}")))
         except (ImportError, AttributeError, TypeError, ValueError) as exc:
             raise EngineError(f"engine model {path}: cannot build {target}: {exc}") from exc

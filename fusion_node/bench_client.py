@@ -7,6 +7,7 @@ process polls `latest("pred.action")` at 1 kHz, as a control loop would.
 from __future__ import annotations
 
 import multiprocessing
+import tempfile
 import time
 from typing import Any
 
@@ -57,7 +58,8 @@ def run_client_bench(duration_s: float = 10.0, rate_hz: float = 1000.0) -> dict[
     """Per-call cost of `latest()` (µs), and how many calls found a new chunk."""
     from fusion_node.client import Client
 
-    endpoint = "ipc:///tmp/fusion-node-bench-client.ipc"
+    # A private directory: ipc sockets in a world-writable one are refused (docs/security.md).
+    endpoint = f"ipc://{tempfile.mkdtemp(prefix='fusion-node-bench-')}/client.ipc"
     sender = multiprocessing.get_context("spawn").Process(
         target=_publish_blocking, args=(endpoint, duration_s + 1.0), daemon=True)
     sender.start()

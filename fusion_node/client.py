@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
 from typing import Self
 
 import numpy as np
@@ -25,8 +26,9 @@ import zmq
 
 from fusion_node.clock import Clock, MonotonicClock
 from fusion_node.config import DEFAULT_PUB
-from fusion_node.errors import ProtocolError
+from fusion_node.errors import ConfigError, ProtocolError
 from fusion_node.protocol import Message, Prediction, decode
+from fusion_node.security import ClientKeys
 from fusion_node.transport import DEFAULT_HWM
 
 
@@ -34,10 +36,20 @@ class Client:
     """A subscriber to the node's `pred.*` (and optionally `node.health`) topics.
 
     Malformed messages are counted in `rejected` and skipped, as in the node itself.
+
+    A node bound beyond loopback admits only CURVE clients it lists: pass this client's
+    `client_key` (its `.key_secret` file) and the node's `server_public_key` (its `.key`);
+    docs/security.md.
     """
 
     def __init__(self, endpoint: str = DEFAULT_PUB, topics: Iterable[str] = ("pred.",),
-                 context: zmq.Context | None = None, clock: Clock | None = None) -> None:
+                 context: zmq.Context | None = None, clock: Clock | None = None,
+                 client_key: str | Path | None = None,
+                 server_public_key: str | Path | None = None) -> None:
+        if (client_key is None) != (server_public_key is None):
+            raise ConfigError("Client: client_key and server_public_key go together")
+        keys = (ClientKeys.load(client_key, server_public_key)
+                if client_key is not None and server_public_key is not None else None)
         self._context = context or zmq.Context()
         self._owns_context = context is None
         self._clock = clock or MonotonicClock()
@@ -47,6 +59,8 @@ class Client:
         self._topics = tuple(topics)
         for topic in self._topics:
             self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        if keys is not None:
+            keys.apply(self._socket)
         self._socket.connect(endpoint)
         self._latest: dict[str, Message] = {}
         self.rejected: dict[str, int] = {}

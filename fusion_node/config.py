@@ -6,7 +6,7 @@ Durations are written in `_ms` / `_s` and converted to integer ns here, once.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,10 @@ class NodeConfig:
     streams: tuple[StreamConfig, ...] = ()
     record: RecordConfig | None = None
     calibration: str | None = None  # the robot's calibration.yaml (calibration/README.md)
+    # CurveZMQ (docs/security.md): the node's .key_secret and the directory of client .key
+    # files it admits; required to bind or connect beyond loopback. Absolute paths.
+    server_secret_key: str | None = None
+    allowed_clients: str | None = None
 
     def capacities(self) -> dict[str, int]:
         capacities = {d.stream: d.capacity for d in self.drivers}
@@ -183,8 +187,8 @@ def _record(data: Any) -> RecordConfig | None:
     if not all(isinstance(t, str) for t in topics):
         raise ConfigError(f"record.topics = {topics!r} must be a list of topic names")
     duration_s = table.get("duration_s", float, None)
-    if duration_s is not None and duration_s <= 0:
-        raise ConfigError(f"record.duration_s = {duration_s} must be positive")
+    if duration_s is not None and not 0 < duration_s < 2**63 / 1e9:
+        raise ConfigError(f"record.duration_s = {duration_s} must be positive and fit int64 ns")
     record = RecordConfig(
         path=table.get("path", str), topics=tuple(topics),
         duration_ns=None if duration_s is None else round(duration_s * 1e9),
@@ -202,10 +206,11 @@ def _record(data: Any) -> RecordConfig | None:
     return record
 
 
-def parse_config(text: str, source: str) -> NodeConfig:
-    """Parse a launch file; every error names the file, the key and what is allowed."""
+def parse_config(text: str, source: str, base_dir: str | Path | None = None) -> NodeConfig:
+    """Parse a launch file; every error names the file, the key and what is allowed.
+    Key paths are resolved against `base_dir` (the launch file's directory)."""
     try:
-        return _parse_config(text, source)
+        return _check_security(_parse_config(text, source), Path(base_dir or "."))
     except ConfigError as exc:
         message = str(exc)
         raise ConfigError(message if message.startswith(source) else f"{source}: {message}") \
@@ -217,6 +222,8 @@ def _parse_config(text: str, source: str) -> NodeConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML ({exc})") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(f"{source}: not valid TOML (nested too deeply)") from None
     root = Table(data, source)
     node = Table(root.get("node", dict, {}), "node")
     drivers = tuple(_driver(d, i) for i, d in enumerate(root.get("drivers", list, [])))
@@ -235,7 +242,9 @@ def _parse_config(text: str, source: str) -> NodeConfig:
             backoff_max_s=node.get("driver_restart_backoff_max_ms", float, 10_000.0) / 1000),
         drivers=drivers, engines=engines, connect=tuple(connect), streams=external,
         record=_record(root.get("record", dict, None)),
-        calibration=node.get("calibration", str, None))
+        calibration=node.get("calibration", str, None),
+        server_secret_key=node.get("server_secret_key", str, None),
+        allowed_clients=node.get("allowed_clients", str, None))
     node.done()
     root.done()
     streams = ([d.stream for d in drivers] + [e.topic for e in engines]
@@ -264,4 +273,44 @@ def load_config(path: str | Path | None = None) -> NodeConfig:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read launch file {str(path)!r}: {exc.strerror}") from None
-    return parse_config(text, str(path))
+    return parse_config(text, str(path), Path(path).parent)
+
+
+def _check_security(config: NodeConfig, base_dir: Path) -> NodeConfig:
+    """The endpoint policy of fusion_node.security, checked before anything starts: keys
+    load, and every endpoint beyond loopback/ipc is covered by them."""
+    from fusion_node.security import (
+        check_endpoint,
+        is_loopback_or_ipc,
+        load_allowed_clients,
+        load_key_pair,
+    )
+
+    if (config.server_secret_key is None) != (config.allowed_clients is None):
+        raise ConfigError("node.server_secret_key and node.allowed_clients go together: the "
+                          "server key proves the node, the directory lists who may connect")
+    keyed = config.server_secret_key is not None
+    if keyed:
+        assert config.server_secret_key is not None and config.allowed_clients is not None
+        secret = str((base_dir / config.server_secret_key).resolve())
+        allowed = str((base_dir / config.allowed_clients).resolve())
+        load_key_pair(secret, "node.server_secret_key")
+        load_allowed_clients(allowed)
+        config = replace(config, server_secret_key=secret, allowed_clients=allowed)
+    check_endpoint(config.pub, keyed, "node.pub")
+    for index, endpoint in enumerate(config.connect):
+        check_endpoint(endpoint, keyed, f"node.connect[{index}]")
+    for stream in config.streams:
+        if stream.clock is not None:
+            check_endpoint(stream.clock, keyed, f"stream {stream.name!r} clock")
+    for driver in config.drivers:
+        # Drivers run on this host and their processes hold no keys: loopback or ipc only.
+        for where, endpoint in ((f"driver {driver.stream!r} endpoint", driver.endpoint),
+                                (f"driver {driver.stream!r} config.endpoint",
+                                 driver.config.get("endpoint"))):
+            if isinstance(endpoint, str) and not is_loopback_or_ipc(endpoint):
+                raise ConfigError(f"{where} = {endpoint!r} is not loopback or ipc://: "
+                                  "drivers hold no keys; receive a remote source as a "
+                                  "[[streams]] entry with node.connect and CurveZMQ keys "
+                                  "(docs/security.md)")
+    return config

@@ -335,13 +335,18 @@ def _array(part: Buffer, dtype_name: Any, shape: Any, kind: str, stream: str,
     return np.ndarray(shape, dtype, buf.toreadonly())
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    # The protocol has no extension types; one is a malformed (or hostile) header.
+    raise ValueError(f"extension type {code} is not allowed")
+
+
 def _unpack_header(part: Buffer) -> dict[str, Any]:
     raw = _view(part)
     if raw.nbytes > MAX_HEADER_BYTES:
         raise ProtocolError("header_too_large", f"header is {raw.nbytes} bytes, limit "
                             f"{MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_refuse_ext)
     except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
         raise ProtocolError("bad_header", f"header is not valid msgpack ({exc})") from None
     if type(header) is not dict:

@@ -22,6 +22,13 @@ import zmq
 from fusion_node.clock import Clock
 from fusion_node.errors import ConfigError, ProtocolError
 from fusion_node.protocol import Message, decode, encode
+from fusion_node.security import (
+    ClientKeys,
+    CurveServer,
+    check_endpoint,
+    restrict_ipc_socket,
+    secure_ipc_directory,
+)
 from fusion_node.shm import ShmConfig, ShmLease, ShmReader, ShmWriter
 
 DEFAULT_HWM = 100
@@ -42,23 +49,10 @@ def is_local_endpoint(endpoint: str) -> bool:
         return False
 
 
-def check_bind_endpoint(endpoint: str) -> None:
-    """Refuse endpoints that would expose unauthenticated sensor data beyond this host."""
-    scheme = endpoint.split("://", 1)[0]
-    if scheme in ("ipc", "inproc"):
-        return
-    if scheme != "tcp":
-        raise ConfigError(f"endpoint {endpoint!r}: scheme must be ipc://, inproc:// or tcp://")
-    host = urlsplit(endpoint).hostname or ""
-    if host == "localhost":
-        return
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise ConfigError(f"endpoint {endpoint!r} is not loopback; binding it needs CURVE "
-                          "authentication, which this node does not enable")
+def check_bind_endpoint(endpoint: str, authenticated: bool = False) -> None:
+    """Refuse endpoints that would expose unauthenticated sensor data beyond this host
+    (fusion_node.security: loopback and ipc:// need no keys, anything else CURVE)."""
+    check_endpoint(endpoint, authenticated, "bind endpoint")
 
 
 class Publisher:
@@ -66,11 +60,18 @@ class Publisher:
 
     `shm` chooses the shared-memory path for large payloads on a local endpoint; None sends
     every payload over ZeroMQ (needed when subscribers that read no shared memory, such as
-    a foreign-language client, subscribe to large messages)."""
+    a foreign-language client, subscribe to large messages).
+
+    `curve` authenticates the socket (required to bind beyond loopback): a `CurveServer`
+    (the node: only its allowed clients may subscribe) or `ClientKeys` (a source publishing
+    into a node: only the holder of that node's secret key may subscribe)."""
 
     def __init__(self, context: zmq.Context, endpoint: str, hwm: int = DEFAULT_HWM,
-                 shm: ShmConfig | None = DEFAULT_SHM) -> None:
-        check_bind_endpoint(endpoint)
+                 shm: ShmConfig | None = DEFAULT_SHM,
+                 curve: CurveServer | ClientKeys | None = None) -> None:
+        check_bind_endpoint(endpoint, authenticated=curve is not None)
+        secure_ipc_directory(endpoint)
+        self._curve = curve
         self.endpoint = endpoint
         self.shm_config = shm if shm is not None and is_local_endpoint(endpoint) else None
         # Created on the first large payload: a publisher of small messages maps nothing.
@@ -80,11 +81,16 @@ class Publisher:
         self._socket = context.socket(zmq.PUB)
         self._socket.setsockopt(zmq.SNDHWM, hwm)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if isinstance(curve, CurveServer):
+            curve.protect(self._socket, "pub")
+        elif curve is not None:
+            curve.apply(self._socket)
         try:
             self._socket.bind(endpoint)
         except zmq.ZMQError as exc:
-            self._socket.close()
+            self.close()
             raise ConfigError(f"cannot bind {endpoint!r}: {exc}") from None
+        restrict_ipc_socket(endpoint)
         # An ephemeral tcp port (":*") resolves to the real one here.
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -119,6 +125,8 @@ class Publisher:
         self._socket.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
 
     def close(self) -> None:
+        if isinstance(self._curve, CurveServer):
+            self._curve.unprotect(self._socket)
         self._socket.close(linger=0)
         if self.shm is not None:
             self.shm.close()
@@ -131,32 +139,57 @@ class Subscriber:
     shared-memory frames lost because this subscriber was too slow (`stale_generation`,
     `lease_expired`). With `shm` (the default) arrays sent through shared memory are views
     valid until `last_lease.expires_ns`; copy what you keep longer.
+
+    `curve`: `ClientKeys` subscribe to a CURVE-protected publisher; with a `CurveServer` (the
+    node) local endpoints stay on a plain socket and the others go through a second, CURVE
+    server socket, so only allowed clients can publish into it.
     """
 
     def __init__(self, context: zmq.Context, endpoints: Iterable[str], clock: Clock,
                  topics: Iterable[str] = ("",), hwm: int = DEFAULT_HWM,
-                 shm: bool = True) -> None:
+                 shm: bool = True, curve: CurveServer | ClientKeys | None = None) -> None:
         self._clock = clock
         # Leases are stamped on the host's CLOCK_MONOTONIC, whatever clock stamps receipt.
         self._shm = ShmReader() if shm else None
-        self._socket = context.socket(zmq.SUB)
-        self._socket.setsockopt(zmq.RCVHWM, hwm)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        for topic in topics:
-            self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        for endpoint in endpoints:
-            self._socket.connect(endpoint)
+        self._curve = curve
+        endpoints = list(endpoints)
+        topics = tuple(topics)
         self._poller = zmq.Poller()
-        self._poller.register(self._socket, zmq.POLLIN)
+        self._sockets: list[zmq.Socket] = []
+        remote = ([e for e in endpoints if not is_local_endpoint(e)]
+                  if isinstance(curve, CurveServer) else [])
+        local = [e for e in endpoints if e not in remote]
+        self._socket = self._open(context, local, topics, hwm,
+                                  curve if isinstance(curve, ClientKeys) else None)
+        self._protected: zmq.Socket | None = None
+        if remote:
+            self._protected = self._open(context, remote, topics, hwm, curve)
         self.rejected: Counter[str] = Counter()
         self.last_error: str = ""
+
+    def _open(self, context: zmq.Context, endpoints: list[str], topics: tuple[str, ...],
+              hwm: int, curve: CurveServer | ClientKeys | None) -> zmq.Socket:
+        socket = context.socket(zmq.SUB)
+        socket.setsockopt(zmq.RCVHWM, hwm)
+        socket.setsockopt(zmq.LINGER, 0)
+        if isinstance(curve, CurveServer):
+            curve.protect(socket, "sub")
+        elif curve is not None:
+            curve.apply(socket)
+        for topic in topics:
+            socket.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        for endpoint in endpoints:
+            socket.connect(endpoint)
+        self._poller.register(socket, zmq.POLLIN)
+        self._sockets.append(socket)
+        return socket
 
     def recv(self, timeout_ms: int) -> Message | None:
         """Next valid message, or None if none arrived within `timeout_ms`. Rejected
         messages are counted and skipped; waiting goes on until the timeout."""
         deadline_ns = self._clock.now_ns() + timeout_ms * 1_000_000
-        while self._poller.poll(timeout_ms):
-            parts = self._socket.recv_multipart(copy=False)
+        while ready := self._poller.poll(timeout_ms):
+            parts = ready[0][0].recv_multipart(copy=False)
             t_receive_ns = self._clock.now_ns()
             if self._shm is not None:
                 self._shm.last_lease = None
@@ -174,6 +207,9 @@ class Subscriber:
         return self._shm.last_lease if self._shm is not None else None
 
     def close(self) -> None:
-        self._socket.close(linger=0)
+        for socket in self._sockets:
+            if isinstance(self._curve, CurveServer):
+                self._curve.unprotect(socket)
+            socket.close(linger=0)
         if self._shm is not None:
             self._shm.close()

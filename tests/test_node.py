@@ -312,7 +312,7 @@ async def test_slow_subscriber_does_not_block_the_node():
 
 @pytest.mark.parametrize("text, message", [
     ("[[engines]]\nname = 1", "engines[0].name = 1 is not a str"),
-    ("[node]\npub = 'tcp://10.1.2.3:5599'", None),
+    ("[node]\npub = 'tcp://10.1.2.3:5599'", "not loopback"),
     ("[node]\nbogus = 1", "unknown key(s) ['bogus']"),
 ])
 def test_config_errors_name_the_problem(text, message):

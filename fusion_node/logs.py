@@ -27,6 +27,7 @@ from fusion_node.recording import (
     RECORDING_END_METADATA,
     RECORDING_METADATA,
     WINDOW_CUT,
+    ClampedFile,
     LogMessage,
     check_magic,
     classify_channel,
@@ -96,7 +97,7 @@ def log_info(path: str) -> dict[str, Any]:
     metadata: dict[str, dict[str, str]] = {}
     last_health: Health | None = None
     with open(path, "rb") as file:
-        reader = StreamReader(file, validate_crcs=True,
+        reader = StreamReader(ClampedFile(file), validate_crcs=True,  # type: ignore[arg-type]
                               record_size_limit=max(os.path.getsize(path), 1))
         try:
             for record in reader.records:
@@ -139,7 +140,8 @@ def log_info(path: str) -> dict[str, Any]:
     info["protocol_version"] = recording.get("protocol_version")
     info["source"] = recording.get("source")
     info["compression"] = recording.get("compression")
-    info["model_hashes"] = json.loads(recording.get("model_hashes", "{}"))
+    info["model_hashes"] = _json_map(path, RECORDING_METADATA, "model_hashes",
+                                     recording.get("model_hashes", "{}"))
     if topics:
         first = min(s.first_log_ns for s in topics.values())
         last = max(s.last_log_ns for s in topics.values())
@@ -151,22 +153,42 @@ def log_info(path: str) -> dict[str, Any]:
     info["other_channels"] = dict(sorted(other.items()))
     info["undecodable"] = dict(undecodable)
     end = metadata.get(RECORDING_END_METADATA)
+    recorder = last_health.stats.get("recorder") if last_health is not None else None
     if end is not None and "dropped" in end:
-        info["recorder_dropped"] = json.loads(end["dropped"])
+        info["recorder_dropped"] = _json_map(path, RECORDING_END_METADATA, "dropped",
+                                             end["dropped"], counts=True)
         info["recorder_dropped_from"] = "the recorder's end record"
-    elif last_health is not None and isinstance(last_health.stats.get("recorder"), dict):
-        info["recorder_dropped"] = last_health.stats["recorder"].get("dropped", {})
+    elif isinstance(recorder, dict) and _is_counts(recorder.get("dropped", {})):
+        info["recorder_dropped"] = recorder.get("dropped", {})
         info["recorder_dropped_from"] = "the last node.health (the recording did not finish)"
     else:
         info["recorder_dropped"] = None
         info["recorder_dropped_from"] = None
     if last_health is not None:
-        streams = last_health.stats.get("streams", {})
+        streams = last_health.stats.get("streams")
+        streams = streams if isinstance(streams, dict) else {}
         info["node_drops"] = {
             "rejected": last_health.stats.get("rejected", {}),
             "streams": {s: {k: v.get(k) for k in ("seq_gaps", "too_old", "duplicates")}
                         for s, v in streams.items() if isinstance(v, dict)}}
     return info
+
+
+def _is_counts(value: Any) -> bool:
+    return isinstance(value, dict) and all(type(v) is int for v in value.values())
+
+
+def _json_map(path: str, record: str, key: str, text: str, counts: bool = False
+              ) -> dict[str, Any]:
+    """A JSON map kept in the log's metadata; ReplayError if it is not one (a corrupt log)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or (counts and not _is_counts(value)):
+        kind = "a JSON map of counts" if counts else "a JSON map"
+        raise ReplayError(f"{path}: metadata {record}.{key} is not {kind}: {text[:80]!r}")
+    return value
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -236,7 +258,8 @@ def recover(broken: str, fixed: str) -> RecoverResult:
         with open(broken, "rb") as source, open(partial, "wb") as output:
             writer = Writer(output)
             started = False
-            reader = StreamReader(source, validate_crcs=True,
+            reader = StreamReader(ClampedFile(source),  # type: ignore[arg-type]
+                                  validate_crcs=True,
                                   record_size_limit=max(result.input_bytes, 1))
             try:
                 for record in reader.records:

@@ -6,6 +6,7 @@ alike: the table, the key, the bad value, and what is allowed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,11 +34,16 @@ class Table:
         if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
             raise ConfigError(f"{self.where}.{key} = {value!r} is not a "
                               f"{getattr(kind, '__name__', kind)}")
+        # TOML allows inf and nan; no setting means either, and they fail later, untyped.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{self.where}.{key} = {value!r} is not a finite number")
         return value
 
     def ms(self, key: str, default: float | None = None) -> int:
         """A duration in ms as integer ns; without a default the key is required."""
         value = self.get(key, float) if default is None else self.get(key, float, default)
+        if not abs(value) < 2**63 / 1_000_000:  # int64 nanoseconds
+            raise ConfigError(f"{self.where}.{key} = {value!r} ms is out of range")
         return round(value * 1_000_000)
 
     def positive(self, key: str, default: Any = ...) -> int:

@@ -35,7 +35,8 @@ def _summary_ms(values_ns: list[int]) -> dict[str, float]:
 
 def subscribe(endpoint: str, duration_s: float) -> dict[str, Any]:
     """Receive predictions for `duration_s`, as a control loop would (at real-time priority
-    where allowed); arrival time minus deadline per topic."""
+    where allowed); arrival time minus deadline per topic. `samples` holds, per topic, one
+    [t_ref_ns, t_publish_ns - deadline_ns, t_receive_ns - deadline_ns, late] per prediction."""
     from fusion_node.protocol import Prediction
     from fusion_node.scheduling import raise_thread_priority, realtime_context
     from fusion_node.transport import Subscriber
@@ -46,15 +47,19 @@ def subscribe(endpoint: str, duration_s: float) -> dict[str, Any]:
     subscriber = Subscriber(context, [endpoint], clock, topics=["pred."])
     arrivals: dict[str, list[int]] = {}
     late: dict[str, int] = {}
+    samples: dict[str, list[list[int]]] = {}
     end = time.monotonic() + duration_s
     while time.monotonic() < end:
         msg = subscriber.recv(timeout_ms=100)
         if isinstance(msg, Prediction):
             arrivals.setdefault(msg.stream, []).append(msg.t_receive_ns - msg.deadline_ns)
             late[msg.stream] = late.get(msg.stream, 0) + int(msg.late)
+            samples.setdefault(msg.stream, []).append(
+                [msg.t_ref_ns, msg.t_publish_ns - msg.deadline_ns,
+                 msg.t_receive_ns - msg.deadline_ns, int(msg.late)])
     subscriber.close()
     context.term()
-    return {"subscriber_priority": priority,
+    return {"subscriber_priority": priority, "samples": samples,
             **{topic: {**_summary_ms(values), "late_flags": late[topic]}
                for topic, values in arrivals.items()}}
 
@@ -93,11 +98,18 @@ def _window_cost_after_run(node: Node, repeats: int = 500) -> dict[str, Any]:
     return result
 
 
-def run_pipeline_bench(duration_s: float = 20.0) -> dict[str, Any]:
-    """Figures for the embedded default: rates, deadline misses, jitter, window cost."""
+def run_pipeline_bench(duration_s: float = 20.0,
+                       samples: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Figures for the embedded default: rates, deadline misses, jitter, window cost.
+
+    `samples`, if given, receives the subscriber's per-prediction rows (see `subscribe`)
+    under "predictions", for plots; the result itself holds only summaries."""
     config = dataclasses.replace(load_config(), pub="tcp://127.0.0.1:*")
     started = time.monotonic()
     node, arrivals, cpu_s = asyncio.run(_run(config, duration_s))
+    rows = arrivals.pop("samples", {})
+    if samples is not None:
+        samples["predictions"] = rows
     wall_s = time.monotonic() - started
     health = node.health()
     engines = {}

@@ -364,8 +364,12 @@ def _result_of(process: Any, queue: Any, timeout_s: float) -> Any:
 
 
 def run_frame_bench(count: int = 500, warmup: int = 50,
-                    subscribers: tuple[int, ...] = FRAME_SUBSCRIBERS) -> dict[str, Any]:
+                    subscribers: tuple[int, ...] = FRAME_SUBSCRIBERS,
+                    samples: dict[str, Any] | None = None) -> dict[str, Any]:
     """Frames through raw pyzmq, ours and shared memory, to 1 and 3 subscriber processes.
+
+    `samples`, if given, receives every one-way latency in ns, for plots:
+    `samples[subscribers key][size label][path]`.
 
     Latency: paced frames, the three paths interleaved message by message. Throughput:
     bursts of `BURST_FRAMES` back-to-back frames per path, in rounds, until every
@@ -402,6 +406,9 @@ def run_frame_bench(count: int = 500, warmup: int = 50,
                                          "interval_us": FRAME_INTERVALS_US[label]}
                 for path in FRAME_PATHS:
                     merged = [x for r in received for x in r["latencies"][label][path]]
+                    if samples is not None:
+                        samples.setdefault(f"{n}_subscriber{'s' if n > 1 else ''}", {}
+                                           ).setdefault(label, {})[path] = merged
                     burst_ns = float(np.median(sent["bursts"][label][path]))
                     entry[path] = {**_percentiles_us(merged),
                                    "throughput_fps": round(BURST_FRAMES / (burst_ns / 1e9), 1)}
@@ -434,11 +441,15 @@ def _percentiles_us(latencies_ns: list[int]) -> dict[str, Any]:
 
 def run_transport_bench(count: int = 2000, warmup: int = 100, endpoint: str | None = None,
                         intervals_us: dict[str, int] | None = None,
-                        frames: bool = True) -> dict[str, Any]:
+                        frames: bool = True,
+                        samples: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure one-way latency of ours vs raw pyzmq per message kind; return a JSON-able dict.
 
     With `frames`, the result also holds `frames`: `run_frame_bench` (raw, ours and shared
     memory, 640x480 and 1280x720, one and three subscribers) with min(count, 500) frames.
+
+    `samples`, if given, receives every one-way latency in ns, for plots: `samples["kinds"]
+    [kind]["ours" | "raw"]`, and `samples["frames"]` as `run_frame_bench` fills it.
 
     `count` and `warmup` are per kind and per path. `endpoint` defaults to an ipc:// socket in
     a temporary directory. Takes about 2 × (count + warmup) × (2 + 1 + 1) ms plus process
@@ -494,8 +505,12 @@ def run_transport_bench(count: int = 2000, warmup: int = 100, endpoint: str | No
         "elapsed_s": round(time.monotonic() - started, 2),
         "kinds": kinds,
     }
+    if samples is not None:
+        samples["kinds"] = receiver.latencies_ns
     if frames:
-        result["frames"] = run_frame_bench(min(count, 500), min(warmup, 50))
+        result["frames"] = run_frame_bench(
+            min(count, 500), min(warmup, 50),
+            samples=None if samples is None else samples.setdefault("frames", {}))
         result["elapsed_s"] = round(time.monotonic() - started, 2)
     return result
 

@@ -176,14 +176,16 @@ def _tensor(spec: Any) -> dict[str, Any]:
 
 # -- bench engines ---------------------------------------------------------------------------
 
-def run_engine_bench(iterations: int = BENCH_ITERATIONS) -> dict[str, Any]:
+def run_engine_bench(iterations: int = BENCH_ITERATIONS,
+                     samples: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per reference model and backend: batch-1 latency after warm-up, and the largest
     absolute and relative difference from the torch reference on fresh random inputs.
 
     CPU backends get one intra-op thread each, which leaves the other core of a 2-core robot
     computer for drivers, alignment and publishing (ONNX Runtime also with spinning off, as
     the node runs it). GPU rows (torch CUDA fp16 with a CUDA graph, TensorRT) appear where a
-    GPU is usable; otherwise `skipped` says why.
+    GPU is usable; otherwise `skipped` says why. `samples`, if given, receives every timed
+    call's latency in ms, for plots: `samples[model][backend-precision]`.
     """
     import numpy as np
     import torch
@@ -202,7 +204,8 @@ def run_engine_bench(iterations: int = BENCH_ITERATIONS) -> dict[str, Any]:
     threads = torch.get_num_threads()
     try:
         for name in REFERENCE_MODELS:
-            rows += _bench_model(name, skipped, rng, iterations)
+            rows += _bench_model(name, skipped, rng, iterations,
+                                 None if samples is None else samples.setdefault(name, {}))
     finally:
         torch.set_num_threads(threads)  # the bench's 1 thread is process-wide in torch
     return {"cpus": os.cpu_count(), "iterations": iterations, "results": rows,
@@ -210,7 +213,10 @@ def run_engine_bench(iterations: int = BENCH_ITERATIONS) -> dict[str, Any]:
 
 
 def _bench_model(name: str, skipped: dict[str, str], rng: np.random.Generator,
-                 iterations: int) -> list[dict[str, Any]]:
+                 iterations: int, samples: dict[str, list[float]] | None = None
+                 ) -> list[dict[str, Any]]:
+    import numpy as np
+
     from engines import models
     from engines.onnxruntime_backend import OnnxRuntimeEngine
     from engines.torch_backend import TorchEngine
@@ -241,7 +247,10 @@ def _bench_model(name: str, skipped: dict[str, str], rng: np.random.Generator,
             abs_diff, rel_diff = _parity(engine, reference, inputs, rng)
             row.update(max_abs_diff=float(f"{abs_diff:.3g}"),
                        max_rel_diff=float(f"{rel_diff:.3g}"))
-        p50, p99 = _latency(engine, models.random_feeds(inputs, rng), iterations)
+        times_ms = _latency(engine, models.random_feeds(inputs, rng), iterations)
+        p50, p99 = (float(v) for v in np.percentile(times_ms, [50, 99]))
+        if samples is not None:
+            samples[f"{backend} {precision}"] = times_ms.tolist()
         row.update(p50_ms=round(p50, 4), p99_ms=round(p99, 4))
         row["speedup_vs_torch"] = round(rows[0]["p50_ms"] / p50, 2) if rows else 1.0
         if getattr(engine, "last_gpu_ms", None):
@@ -267,7 +276,8 @@ def _parity(engine: Any, reference: Any, inputs: dict[str, tuple[int, ...]],
     return worst_abs, worst_rel
 
 
-def _latency(engine: Any, feeds: dict[str, np.ndarray], iterations: int) -> tuple[float, float]:
+def _latency(engine: Any, feeds: dict[str, np.ndarray], iterations: int) -> np.ndarray:
+    """Milliseconds of each of `iterations` timed calls, after warm-up."""
     import numpy as np
 
     for _ in range(BENCH_WARM_UP):
@@ -277,5 +287,4 @@ def _latency(engine: Any, feeds: dict[str, np.ndarray], iterations: int) -> tupl
         start = time.perf_counter_ns()
         engine.infer(feeds)
         times[i] = time.perf_counter_ns() - start
-    p50, p99 = np.percentile(times / 1e6, [50, 99])
-    return float(p50), float(p99)
+    return times / 1e6

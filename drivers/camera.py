@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -25,9 +26,14 @@ from fusion_node.clock import Clock
 from fusion_node.errors import ConfigError, DriverError, EndOfStream
 from fusion_node.protocol import Frame
 
+log = logging.getLogger(__name__)
+
 _NS_PER_S = 1_000_000_000
 _LIVE_QUEUE_FRAMES = 2  # enough to absorb loop jitter; more only adds latency
 _STOP_TIMEOUT_S = 2.0
+# Reopening a live source that went away: first retry after this, doubling up to the max.
+_RECONNECT_INITIAL_S = 0.1
+_RECONNECT_MAX_S = 2.0
 
 
 def is_live_source(source: int | str) -> bool:
@@ -40,8 +46,10 @@ class OpenCVCameraConfig:
     """An OpenCV camera or video file.
 
     Live sources only: `fps`, `width`, `height` (None: the device's default), `delay_ms`
-    (calibrated delay from exposure to grab), `timeout_ms` (no frame for this long is a
-    fault). Files only: `realtime` (pace by the file's frame times), `loop` (restart at the
+    (calibrated delay from exposure to grab), `timeout_ms` (no frame for this long from an
+    open device is a fault), `reconnect` (a device that stops delivering, unplugged or a
+    network camera gone, is reopened with back-off until it returns, instead of failing the
+    driver; meanwhile no frames are sent and the node masks the stream). Files only: `realtime` (pace by the file's frame times), `loop` (restart at the
     end, stamps continuing).
     """
 
@@ -54,6 +62,7 @@ class OpenCVCameraConfig:
     timeout_ms: float = 2000.0
     realtime: bool = True
     loop: bool = False
+    reconnect: bool = True
 
     def __post_init__(self) -> None:
         where = f"stream {self.stream!r}"
@@ -80,7 +89,8 @@ class OpenCVCameraConfig:
 class OpenCVCamera:
     """Frames from `cv2.VideoCapture`, stamped at capture on the node clock.
 
-    `dropped_frames` counts live frames lost because `recv` fell behind.
+    `dropped_frames` counts live frames lost because `recv` fell behind; `disconnects` and
+    `reconnects` count a live source going away and coming back.
     """
 
     def __init__(self, config: OpenCVCameraConfig, clock: Clock) -> None:
@@ -107,6 +117,12 @@ class OpenCVCamera:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_seq = 0
+        # The capture thread's current capture (replaced on reconnect) and whether it is
+        # reopening the source now.
+        self._live_capture: cv2.VideoCapture | None = None
+        self._reconnecting = False
+        self.disconnects = 0
+        self.reconnects = 0
 
     @property
     def _name(self) -> str:
@@ -205,6 +221,7 @@ class OpenCVCamera:
     # Live sources -------------------------------------------------------------------------
 
     def _capture_blocking(self, capture: cv2.VideoCapture) -> None:
+        self._live_capture = capture
         while not self._stop.is_set():
             # Stamp between grab (the frame has arrived) and retrieve (decoding), so decode
             # time does not shift the stamp.
@@ -213,8 +230,14 @@ class OpenCVCamera:
             if self._stop.is_set():
                 return
             if not grabbed:
-                self._fail("grab failed (device disconnected?)")
-                return
+                if not self.config.reconnect:
+                    self._fail("grab failed (device disconnected?)")
+                    return
+                reopened = self._reconnect_blocking(capture)
+                if reopened is None:  # stopped while the source was away
+                    return
+                capture = reopened
+                continue
             ok, image = capture.retrieve()
             if not ok:
                 self._fail("cannot decode the grabbed frame")
@@ -226,6 +249,33 @@ class OpenCVCamera:
                 return
             self._frames.append(frame)  # a full deque drops its oldest frame
             self._wake()
+
+    def _reconnect_blocking(self, capture: cv2.VideoCapture) -> cv2.VideoCapture | None:
+        """Release a source that stopped delivering and reopen it with exponential back-off
+        until it opens (returned) or the driver stops (None)."""
+        self._reconnecting = True
+        self._live_capture = None
+        capture.release()
+        self.disconnects += 1
+        log.warning("%s: grab failed (device disconnected?); reopening with back-off",
+                    self._name)
+        backoff_s = _RECONNECT_INITIAL_S
+        attempts = 0
+        try:
+            while not self._stop.wait(backoff_s):
+                attempts += 1
+                try:
+                    reopened = self._open_blocking()
+                except DriverError:
+                    backoff_s = min(2 * backoff_s, _RECONNECT_MAX_S)
+                    continue
+                self._live_capture = reopened
+                self.reconnects += 1
+                log.warning("%s: reopened after %d attempt(s)", self._name, attempts)
+                return reopened
+            return None
+        finally:
+            self._reconnecting = False
 
     def _fail(self, reason: str) -> None:
         self._failure = reason
@@ -249,6 +299,8 @@ class OpenCVCamera:
                 async with asyncio.timeout(self.config.timeout_ms / 1000):
                     await self._wakeup.wait()
             except TimeoutError:
+                if self._reconnecting:
+                    continue  # the source went away; the capture thread is reopening it
                 raise DriverError(f"{self._name}: no frame for {self.config.timeout_ms} ms"
                                   ) from None
         frame = self._frames.popleft()
@@ -268,7 +320,10 @@ class OpenCVCamera:
                 # Releasing under a thread still inside grab() could crash the process.
                 raise DriverError(f"{self._name}: capture thread did not stop within "
                                   f"{_STOP_TIMEOUT_S} s")
-        await asyncio.to_thread(self._release_blocking, capture)
+            # After a reconnect the thread held a newer capture (None: released already).
+            capture, self._live_capture = self._live_capture, None
+        if capture is not None:
+            await asyncio.to_thread(self._release_blocking, capture)
         self._loop = None
 
     def _release_blocking(self, capture: cv2.VideoCapture) -> None:

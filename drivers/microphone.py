@@ -151,7 +151,9 @@ class SoundDeviceMicrophone:
 
     The PortAudio callback only copies the block, stamps it and appends it to a bounded
     deque; chunking happens in `recv` on the event loop. `dropped_samples` counts samples
-    lost to the bound, `overflows` counts PortAudio input-overflow flags.
+    lost to the bound or to an input overflow, `overflows` counts PortAudio input-overflow
+    flags. After an overflow the samples the device lost are measured by the ADC time and
+    skipped in `sample_index`, so the gap is marked downstream, never closed up.
     """
 
     def __init__(self, config: SoundDeviceMicrophoneConfig, clock: Clock) -> None:
@@ -170,6 +172,7 @@ class SoundDeviceMicrophone:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sd_stream: Any = None
         self._frames_seen = 0
+        self._next_adc_s: float | None = None  # ADC time the next block should start at
         self._failure = ""
         self.dropped_samples = 0
         self.overflows = 0
@@ -188,6 +191,7 @@ class SoundDeviceMicrophone:
         self._blocks.clear()
         self._ready.clear()
         self._frames_seen = 0
+        self._next_adc_s = None
         self._failure = ""
         self._loop = asyncio.get_running_loop()
         self._sd_stream = await asyncio.to_thread(self._open_blocking, sd)
@@ -215,8 +219,14 @@ class SoundDeviceMicrophone:
             t_first_ns = now_ns - round((time_info.currentTime - adc_s) * 1e9)
         else:  # some host APIs report no ADC time: the block ended about now
             t_first_ns = now_ns - frames * _NS_PER_S // self.config.sample_rate
+        rate = self.config.sample_rate
         if status.input_overflow:
             self.overflows += 1
+            # Samples lost inside the device, measured on PortAudio's own clock (free of the
+            # jitter of mapping it onto ours): skip their indices.
+            if self._next_adc_s is not None and adc_s > self._next_adc_s:
+                self._frames_seen += round((adc_s - self._next_adc_s) * rate)
+        self._next_adc_s = adc_s + frames / rate if adc_s > 0 else None
         self._blocks.append((indata.copy(), t_first_ns - self._delay_ns, self._frames_seen))
         self._frames_seen += frames
         self._wake()

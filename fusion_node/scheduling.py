@@ -40,6 +40,10 @@ ENGINE_RT_PRIORITY = 5
 _NICE_STEP = 5
 # Bounded poll so a replay clock (whose time is not wall time) is re-checked often.
 _MAX_WAIT_S = 0.005
+# An inference running longer than this many declared latencies (and at least the floor)
+# is hung: reported on node.health while it runs, its result discarded when it returns.
+INFER_TIMEOUT_LATENCIES = 10
+INFER_TIMEOUT_MIN_NS = 1_000_000_000
 
 
 class Engine(Protocol):
@@ -143,6 +147,7 @@ class EngineStats:
     skipped_ticks: int = 0
     errors: int = 0
     last_error: str = ""
+    timeouts: int = 0  # inferences that outlasted the timeout (also counted in errors)
     window_ns: LatencyStats = field(default_factory=LatencyStats)
     window_cpu_ns: LatencyStats = field(default_factory=LatencyStats)
     infer_ns: LatencyStats = field(default_factory=LatencyStats)
@@ -153,6 +158,7 @@ class EngineStats:
                 "missing_required": self.missing_required, "last_missing": self.last_missing,
                 "deadline_misses": self.deadline_misses, "skipped_ticks": self.skipped_ticks,
                 "errors": self.errors, "last_error": self.last_error,
+                "timeouts": self.timeouts,
                 "window": self.window_ns.summary(), "window_cpu": self.window_cpu_ns.summary(),
                 "infer": self.infer_ns.summary(),
                 "ready_after_ref": self.ready_after_ref_ns.summary()}
@@ -233,7 +239,8 @@ class EngineRunner:
 
     def __init__(self, *, name: str, topic: str, engine: Engine, binding: Binding,
                  rate_hz: float, latency_ns: int, align_delay_ns: int, clock: Clock,
-                 buffer: AlignmentBuffer, sink: PredictionSink) -> None:
+                 buffer: AlignmentBuffer, sink: PredictionSink,
+                 infer_timeout_ns: int | None = None) -> None:
         if not 0 <= align_delay_ns < latency_ns:
             raise FusionError(f"engine {name!r}: align delay {align_delay_ns} ns must be below "
                               f"its latency {latency_ns} ns")
@@ -252,9 +259,26 @@ class EngineRunner:
         self._seq = 0
         self.stats = EngineStats()
         self.priority = "default"
+        self.infer_timeout_ns = infer_timeout_ns or max(
+            INFER_TIMEOUT_MIN_NS, INFER_TIMEOUT_LATENCIES * latency_ns)
+        # Clock time the running inference started (0: none); read by health, lock-free.
+        self._infer_started_ns = 0
+        self._logged_error_types: set[str] = set()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def hang_status(self, now_ns: int) -> dict[str, Any]:
+        """How long the running inference has taken, and whether that exceeds the timeout.
+
+        A hung call (a driver or GPU stuck inside the backend) cannot be aborted from
+        Python; this engine then publishes nothing until it returns, while the others go on.
+        """
+        started_ns = self._infer_started_ns
+        running_ns = now_ns - started_ns if started_ns else 0
+        return {"inferring_ms": round(running_ns / 1e6, 1),
+                "hung": running_ns > self.infer_timeout_ns,
+                "infer_timeout_ms": self.infer_timeout_ns / 1e6}
 
     def run_blocking(self, start_ns: int | None = None) -> None:
         """Tick until stopped."""
@@ -291,13 +315,20 @@ class EngineRunner:
         try:
             feeds = self.binding.feeds(window)
             t_window_ns = self._clock.now_ns()
-            outputs = self.engine.infer(feeds)
+            self._infer_started_ns = t_window_ns
+            try:
+                outputs = self.engine.infer(feeds)
+            finally:
+                self._infer_started_ns = 0
             t_infer_end_ns = self._clock.now_ns()
+            if t_infer_end_ns - t_window_ns > self.infer_timeout_ns:
+                self.stats.timeouts += 1
+                raise FusionError(
+                    f"inference took {(t_infer_end_ns - t_window_ns) / 1e6:.0f} ms, over the "
+                    f"{self.infer_timeout_ns / 1e6:.0f} ms timeout; result discarded")
             fields, arrays = self.binding.decode(outputs, window)
-        except FusionError as exc:
-            self.stats.errors += 1
-            self.stats.last_error = str(exc)
-            log.warning("engine %s at t_ref %d: %s", self.name, t_ref_ns, exc)
+        except Exception as exc:  # noqa: BLE001 - a backend or binding bug must not end ticking
+            self._count_error(t_ref_ns, exc)
             return None
         deadline_ns = t_ref_ns + self.latency_ns
         ready_ns = self._clock.now_ns()
@@ -318,3 +349,16 @@ class EngineRunner:
         self.stats.published += 1
         self._sink.schedule(prediction, deadline_ns)
         return prediction
+
+    def _count_error(self, t_ref_ns: int, exc: Exception) -> None:
+        self.stats.errors += 1
+        if isinstance(exc, FusionError):
+            self.stats.last_error = str(exc)
+            log.warning("engine %s at t_ref %d: %s", self.name, t_ref_ns, exc)
+            return
+        # Not one of ours: a bug or an unwrapped backend error. The traceback once per type.
+        kind = type(exc).__name__
+        self.stats.last_error = f"{kind}: {exc}"
+        log.warning("engine %s at t_ref %d: %s", self.name, t_ref_ns, self.stats.last_error,
+                    exc_info=kind not in self._logged_error_types)
+        self._logged_error_types.add(kind)

@@ -23,6 +23,7 @@ pid and start time in /proc.
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import os
@@ -53,6 +54,7 @@ _SLOT = struct.Struct("<QqQ")
 _SLOT_STRIDE = 32
 _PAGE = 4096
 _MAX_SLOTS = 4096
+_SEGMENT_NUMBERS = itertools.count()
 _MAX_MAPPED = 64  # segments a reader keeps mapped; older ones are dropped (views keep theirs)
 
 
@@ -212,7 +214,6 @@ class ShmWriter:
         self._clock_ns = clock_ns
         self._lease_ns = config.lease_ms * 1_000_000
         self._rings: dict[bytes, _Ring] = {}
-        self._count = 0
         start = _start_time(os.getpid())
         self._prefix = f"{SEGMENT_PREFIX}-{os.getpid()}-{start}"
         self.sent = 0
@@ -287,8 +288,9 @@ class ShmWriter:
 
     def _new_ring(self, nbytes: int) -> _Ring:
         slot_size = -(-nbytes // _PAGE) * _PAGE  # page-aligned slots: aligned arrays
-        name = f"{self._prefix}-{self._count}"
-        self._count += 1
+        # Numbered per process, not per writer: a name is never reused, so a reader can
+        # never mistake a new ring for the unlinked one it still has mapped.
+        name = f"{self._prefix}-{next(_SEGMENT_NUMBERS)}"
         ring = _Ring(name, self.config.slots, slot_size, self._lease_ns)
         self._names.add(name)
         return ring
@@ -424,10 +426,14 @@ class ShmReader:
         assert slot is not None and generation is not None and offset is not None
         mapped = self._mapped.get(name)
         if mapped is None:
+            # A new segment often means a publisher restarted and reclaimed its old one:
+            # unmap segments that are gone, or a restarting camera pins a dead ring each time.
+            for gone in [n for n in self._mapped if not (SHM_DIR / n).exists()]:
+                del self._mapped[gone]  # live views keep their own reference
             mapped = _Mapped(name)
             self._mapped[name] = mapped
             if len(self._mapped) > _MAX_MAPPED:
-                self._mapped.popitem(last=False)  # live views keep their own reference
+                self._mapped.popitem(last=False)
         if (slot >= mapped.slots or length > mapped.slot_size
                 or offset != mapped.data_offset + slot * mapped.slot_size):
             raise ProtocolError("shm_out_of_range", f"{where} slot {slot} offset {offset} "

@@ -392,3 +392,20 @@ def test_loaned_slot_is_sent_without_a_copy(context: zmq.Context, tmp_path: Path
     finally:
         subscriber.close()
         publisher.close()
+
+
+def test_reader_unmaps_the_segments_of_a_restarted_publisher() -> None:
+    """A publisher that restarts makes a new segment; the reader must let the old ring go,
+    or every camera restart pins another ring in the node's memory."""
+    reader = ShmReader()
+    first_writer = ShmWriter(ShmConfig())
+    decode(first_writer.wrap(encode(Frame("camera.x", 0, 1, expected_image(0)))), 0, reader)
+    old = list(first_writer.segments)
+    first_writer.close()  # the publisher goes away and its segment is unlinked
+    second_writer = ShmWriter(ShmConfig())
+    frame = decode(second_writer.wrap(encode(Frame("camera.x", 0, 1, expected_image(1)))), 0,
+                   reader)
+    np.testing.assert_array_equal(frame.image, expected_image(1))
+    assert not set(old) & set(reader._mapped)
+    assert set(second_writer.segments) <= set(reader._mapped)
+    second_writer.close()

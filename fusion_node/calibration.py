@@ -89,8 +89,14 @@ def _read_yaml(path: str | Path, what: str) -> dict[str, Any]:
         raise CalibrationError(f"cannot read {what} {str(path)!r}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise CalibrationError(f"{what} {str(path)!r} is not valid YAML ({exc})") from None
+    # PyYAML lets these through: a bad tagged scalar (`!!int x`, `!!binary ?`) raises
+    # ValueError, and deep nesting exhausts its recursive constructor.
+    except (ValueError, RecursionError) as exc:
+        raise CalibrationError(f"{what} {str(path)!r} is not valid YAML "
+                               f"({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict):
-        raise CalibrationError(f"{what} {str(path)!r} must be a YAML mapping, got {data!r}")
+        raise CalibrationError(f"{what} {str(path)!r} must be a YAML mapping, got "
+                               f"{type(data).__name__}")
     return data
 
 
@@ -181,6 +187,13 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
+def _ms_to_ns(value: Any, where: str) -> int:
+    ns = _number(value, where) * 1e6
+    if not abs(ns) < 2**63:  # a finite 1e308 ms still overflows int64 nanoseconds
+        raise CalibrationError(f"{where} = {value!r} ms is out of range")
+    return round(ns)
+
+
 def load_calibration(path: str | Path) -> Calibration:
     """Read a robot's calibration.yaml; every camera_info it names is read and checked too."""
     where = f"calibration {str(path)!r}"
@@ -191,7 +204,12 @@ def load_calibration(path: str | Path) -> Calibration:
     cameras = _mapping(data, "cameras", where)
     if not all(isinstance(v, str) for v in cameras.values()):
         raise CalibrationError(f"{where}: cameras must map streams to camera_info file names")
-    delays_ns = {stream: round(_number(v, f"{where}: delays_ms.{stream}") * 1e6)
+    for stream, name in cameras.items():
+        # camera_info files live in the calibration folder: no absolute paths, no "..".
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CalibrationError(f"{where}: cameras.{stream} = {name!r} must be a file "
+                                   "inside the calibration folder")
+    delays_ns = {stream: _ms_to_ns(v, f"{where}: delays_ms.{stream}")
                  for stream, v in _mapping(data, "delays_ms", where).items()}
     clock_drifts = {}
     for stream, entry in _mapping(data, "clocks", where).items():
@@ -207,7 +225,7 @@ def load_calibration(path: str | Path) -> Calibration:
             raise CalibrationError(f"{where}: av_offset must be {{audio: STREAM, video: STREAM, "
                                    f"offset_ms: N}}, got {entry!r}")
         av_offset = AvOffset(entry["audio"], entry["video"],
-                             round(_number(entry["offset_ms"], f"{where}: av_offset") * 1e6))
+                             _ms_to_ns(entry["offset_ms"], f"{where}: av_offset"))
     calibration = Calibration(str(path), str(data.get("robot", "")), dict(cameras), delays_ns,
                               av_offset, clock_drifts)
     for stream in cameras:
@@ -356,10 +374,16 @@ class AvOffsetEstimate:
 
 
 _GRID_NS = 1_000_000  # the audio onset envelope and the shift search step
+# A brightness rise of this fraction of the largest one starts a visible event; smaller rises
+# next to it (frames exposed while the flash began) belong to the same event.
+_ONSET_SEED = 0.3
+_ONSET_EXTEND = 0.05
 
 
-def _pick(topics: list[str], wanted: str | None, kind: str, path: str, all_topics: list[str]) \
-        -> str:
+def pick_stream(topics: list[str], wanted: str | None, kind: str, path: str,
+                all_topics: list[str]) -> str:
+    """`wanted` if the log has it among `topics`, else the first of them; CalibrationError
+    naming the log and its streams if there is none."""
     if wanted is not None:
         if wanted not in topics:
             raise CalibrationError(f"log {path!r} has no {kind} stream {wanted!r} "
@@ -376,14 +400,14 @@ def estimate_av_offset(path: str, audio: str | None = None, video: str | None = 
     """The audio-video offset of a log in which something is seen and heard at once (a clap,
     a flash and a beep): cross-correlate the onsets of frame brightness with those of sound
     energy over shifts up to `max_shift_ms`. Resolution: 1 ms on the audio side; on the video
-    side an event is placed at the first frame that shows it."""
+    side an event is placed between frames (`_visible_onsets`)."""
     from fusion_node.protocol import AudioChunk, Frame
     from fusion_node.recording import LogReader
 
     with LogReader(path) as reader:
         all_topics = reader.topics()
-        audio = _pick(reader.topics(["audio"]), audio, "audio", path, all_topics)
-        video = _pick(reader.topics(["frame"]), video, "video", path, all_topics)
+        audio = pick_stream(reader.topics(["audio"]), audio, "audio", path, all_topics)
+        video = pick_stream(reader.topics(["frame"]), video, "video", path, all_topics)
         frame_ns, brightness, chunks = [], [], []
         for message in reader.messages([audio, video]):
             msg = message.decode(path)
@@ -395,10 +419,9 @@ def estimate_av_offset(path: str, audio: str | None = None, video: str | None = 
     if len(frame_ns) < 2 or not chunks:
         raise CalibrationError(f"log {path!r}: {len(frame_ns)} frames on {video!r} and "
                                f"{len(chunks)} audio chunks on {audio!r}; need both")
-    order = np.argsort(frame_ns)
+    order = np.argsort(frame_ns, kind="stable")
     t_frames = np.asarray(frame_ns, np.int64)[order]
-    visible = np.maximum(np.diff(np.asarray(brightness)[order]), 0.0)
-    t_visible = t_frames[1:]
+    t_events, weights = _visible_onsets(t_frames, np.asarray(brightness)[order])
     # Audio on one timeline from sample_index (exact), anchored at the first chunk's stamp.
     first = min(chunks, key=lambda c: c.sample_index)
     rate = first.sample_rate
@@ -413,16 +436,13 @@ def estimate_av_offset(path: str, audio: str | None = None, video: str | None = 
     energy = signal[: len(signal) // per_bin * per_bin].reshape(-1, per_bin).mean(axis=1)
     audible = np.maximum(np.diff(energy, prepend=energy[:1]), 0.0)
     t_audio0_ns = first.t_capture_ns
-    if not visible.any() or not audible.any():
+    if not len(t_events) or not audible.any():
         raise CalibrationError(f"log {path!r}: no visible or no audible event to align "
                                "(record a clap or a flash with a beep)")
-    # Only strong visible onsets take part, so slow lighting changes do not vote.
-    strong = visible >= 0.5 * visible.max()
-    t_events, weights = t_visible[strong], visible[strong]
     max_shift = round(max_shift_ms * 1e6 / _GRID_NS)
     shifts = np.arange(-max_shift, max_shift + 1)
     scores = np.zeros(len(shifts))
-    base = (t_events - t_audio0_ns) // _GRID_NS
+    base = np.round((t_events - t_audio0_ns) / _GRID_NS).astype(np.int64)
     for i, shift in enumerate(shifts):
         index = base + shift
         ok = (index >= 0) & (index < len(audible))
@@ -437,4 +457,42 @@ def estimate_av_offset(path: str, audio: str | None = None, video: str | None = 
     runner_up = float(scores[away].max()) if away.any() else 0.0
     confidence = 1.0 - runner_up / float(scores[best])
     return AvOffsetEstimate(audio, video, int(shifts[best]) * _GRID_NS, round(confidence, 3),
-                            int(strong.sum()))
+                            len(t_events))
+
+
+def _visible_onsets(t_frames: np.ndarray, brightness: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Stamp times (float ns) and sizes of the strong brightness rises, placed between frames.
+
+    A rise seen over consecutive frames (a frame exposed while the flash began is partly lit)
+    is one event. With f_j the lit fraction of each frame of the rise (0 before it, 1 after)
+    and T the frame period, the onset is t_last + T/2 - T * sum(f_j): the lit time summed over
+    the exposures. That is exact for a camera exposing over its whole frame period, stamped
+    mid-exposure; for a short exposure (a dark frame, then a lit one) it gives the midpoint
+    between the two frames, the unbiased guess, so several claps average the error down."""
+    rise = np.diff(brightness)
+    largest = float(rise.max()) if len(rise) else 0.0
+    if largest <= 0:
+        return np.zeros(0), np.zeros(0)
+    times, sizes = [], []
+    step = 0
+    while step < len(rise):
+        if rise[step] < _ONSET_SEED * largest:
+            step += 1
+            continue
+        # Extend over the neighbouring smaller rises of the same event (partial exposures).
+        first, last = step, step
+        while first > 0 and rise[first - 1] > _ONSET_EXTEND * largest:
+            first -= 1
+        while last + 1 < len(rise) and rise[last + 1] > _ONSET_EXTEND * largest:
+            last += 1
+        low, high = brightness[first], brightness[last + 1]
+        lit = np.clip((brightness[first + 1:last + 2] - low) / (high - low), 0.0, 1.0)
+        period = (t_frames[last + 1] - t_frames[first]) / (last + 1 - first)
+        times.append(t_frames[last + 1] + period * (0.5 - lit.sum()))
+        sizes.append(high - low)
+        step = last + 1
+    t_events, weights = np.asarray(times, np.float64), np.asarray(sizes, np.float64)
+    # Only strong events take part, so slow lighting changes do not vote.
+    strong = weights >= 0.5 * weights.max()
+    return t_events[strong], weights[strong]

@@ -9,9 +9,12 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusion_node.errors import CalibrationError
+
+if TYPE_CHECKING:
+    from fusion_node.calibration import AvOffset
 
 
 def add_calibrate_parser(commands: Any) -> None:
@@ -26,11 +29,20 @@ def add_calibrate_parser(commands: Any) -> None:
     camera.add_argument("--name", default="camera", help="camera_name in the written file")
     camera.add_argument("--out", metavar="FILE", help="write the camera_info YAML here")
     av = which.add_parser("av-offset", help="audio-video offset from a recorded clap or "
-                          "flash + beep")
+                          "flash + beep, or from the speech model's lip-voice synchrony")
     av.add_argument("log", metavar="LOG.mcap")
+    av.add_argument("--method", choices=("clap", "sync"), default="clap",
+                    help="clap: a visible and audible event (default); sync: the speech "
+                    "model's audio-visual synchrony on a log of the visible person talking")
     av.add_argument("--audio", help="audio stream (default: the log's first)")
     av.add_argument("--video", help="camera stream (default: the log's first)")
-    av.add_argument("--max-shift-ms", type=float, default=500.0)
+    av.add_argument("--max-shift-ms", type=float,
+                    help="largest offset searched (default: 500 for clap, 200 for sync)")
+    av.add_argument("--mouth-roi", type=int, nargs=4, metavar=("X", "Y", "W", "H"),
+                    help="sync: the mouth region in pixels (default: the recording node's "
+                    "speech engine's, else the default launch file's)")
+    av.add_argument("--model", help="sync: the speech ONNX model (default: the shipped "
+                    "engines/models/speech.onnx)")
     av.add_argument("--out", metavar="CALIBRATION.yaml",
                     help="store the offset in this robot calibration file")
     clock = which.add_parser("clock", help="estimate a remote clock's offset and drift")
@@ -62,27 +74,47 @@ def _camera(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _av_offset(args: argparse.Namespace) -> dict[str, Any]:
-    from fusion_node.calibration import (
-        AvOffset,
-        Calibration,
-        estimate_av_offset,
-        load_calibration,
-        save_calibration,
-    )
+    from fusion_node.calibration import AvOffset, estimate_av_offset
 
-    estimate = estimate_av_offset(args.log, args.audio, args.video, args.max_shift_ms)
-    if args.out:
-        try:
-            calibration = load_calibration(args.out)
-        except CalibrationError:
-            if os.path.exists(args.out):
-                raise
-            calibration = Calibration(args.out)
-        calibration.av_offset = AvOffset(estimate.audio, estimate.video, estimate.offset_ns)
-        save_calibration(calibration)
-    return {"audio": estimate.audio, "video": estimate.video,
+    if args.method == "sync":
+        return _sync_offset(args)
+    estimate = estimate_av_offset(args.log, args.audio, args.video,
+                                  500.0 if args.max_shift_ms is None else args.max_shift_ms)
+    _store_av_offset(args.out, AvOffset(estimate.audio, estimate.video, estimate.offset_ns))
+    return {"method": "clap", "audio": estimate.audio, "video": estimate.video,
             "offset_ms": estimate.offset_ns / 1e6, "confidence": estimate.confidence,
             "events": estimate.events, "written": args.out}
+
+
+def _sync_offset(args: argparse.Namespace) -> dict[str, Any]:
+    from fusion_node.av_sync import DEFAULT_SPEECH_MODEL, estimate_sync_offset
+    from fusion_node.calibration import AvOffset
+
+    estimate = estimate_sync_offset(
+        args.log, args.audio, args.video,
+        200.0 if args.max_shift_ms is None else args.max_shift_ms,
+        tuple(args.mouth_roi) if args.mouth_roi else None, args.model or DEFAULT_SPEECH_MODEL)
+    _store_av_offset(args.out, AvOffset(estimate.audio, estimate.video, estimate.offset_ns))
+    return {"method": "sync", "audio": estimate.audio, "video": estimate.video,
+            "offset_ms": estimate.offset_ns / 1e6, "confidence": estimate.confidence,
+            "correlation": estimate.correlation, "video_windows": estimate.frames,
+            "audio_windows": estimate.audio_windows, "mouth_roi": list(estimate.mouth_roi),
+            "model": estimate.model, "written": args.out}
+
+
+def _store_av_offset(out: str | None, offset: AvOffset) -> None:
+    from fusion_node.calibration import Calibration, load_calibration, save_calibration
+
+    if not out:
+        return
+    try:
+        calibration = load_calibration(out)
+    except CalibrationError:
+        if os.path.exists(out):
+            raise
+        calibration = Calibration(out)
+    calibration.av_offset = offset
+    save_calibration(calibration)
 
 
 def _clock(args: argparse.Namespace) -> dict[str, Any]:
@@ -140,11 +172,13 @@ def run_clock_bench(duration_s: float = 10.0, offset_s: float = 2.5, drift_ppm: 
             mapping = tracker.burst_blocking()
             if mapping is not None:
                 t_remote_ns = truth.remote_of(clock.now_ns())
-                error_ns = mapping.to_local_ns(t_remote_ns) - truth.local_of(t_remote_ns)
+                t_local_ns = truth.local_of(t_remote_ns)
+                error_ns = mapping.to_local_ns(t_remote_ns) - t_local_ns
+                uncertainty_ns = mapping.uncertainty_at_ns(t_local_ns)
                 series.append({"t_s": round((now_ns - start_ns) / 1e9, 3),
                                "error_ms": round(error_ns / 1e6, 4),
-                               "uncertainty_ms": round(mapping.uncertainty_ns / 1e6, 4),
-                               "covered": abs(error_ns) <= mapping.uncertainty_ns})
+                               "uncertainty_ms": round(uncertainty_ns / 1e6, 4),
+                               "covered": abs(error_ns) <= uncertainty_ns})
             next_ns += tracker.period_ns
             time.sleep(max(0.0, (next_ns - clock.now_ns()) / 1e9))
     finally:

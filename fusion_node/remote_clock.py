@@ -27,7 +27,8 @@ from typing import Any
 import zmq
 
 from fusion_node.clock import Clock, MonotonicClock
-from fusion_node.errors import CalibrationError
+from fusion_node.errors import CalibrationError, ConfigError
+from fusion_node.security import ClientKeys, CurveServer, check_endpoint, is_loopback_or_ipc
 
 _REQUEST = struct.Struct("<Q")  # sequence number
 _REPLY = struct.Struct("<Qqq")  # sequence number, t1 (remote receive), t2 (remote send)
@@ -40,6 +41,13 @@ _MIN_STAT_SAMPLES = 8
 # Drift is fitted once the window spans this long; before, a drift error would dominate.
 _MIN_DRIFT_SPAN_S = 2.0
 _SIGMAS = 3.5
+# How far the drift may be off before one is fitted: two uncalibrated crystals each within
+# ±100 ppm; a calibrated drift (calibration.yaml) may have moved with temperature since.
+_UNFITTED_DRIFT_BOUND = 200e-6
+_CALIBRATED_DRIFT_BOUND = 5e-6
+# Drift change the linear fit cannot model (temperature, ageing) while a source is silent:
+# crystal oscillators stay within about 1 ppm over minutes at a steady temperature.
+DRIFT_WANDER = 1e-6
 
 
 class ClockError(CalibrationError):
@@ -54,18 +62,30 @@ class ClockMapping:
     t_ref_local_ns: int
     offset_ns: int
     drift: float  # d(offset)/d(local): 50 ppm is 50e-6
-    uncertainty_ns: int  # bound on the mapping error at t_ref_local_ns
+    uncertainty_ns: int  # bound on the mapping error at t_ref_local_ns (the latest sample)
     samples: int
     min_rtt_ns: int
+    drift_uncertainty: float = 0.0  # bound on the drift error, same unit as drift
+    drift_wander: float = DRIFT_WANDER  # bound on unmodelled drift change since the fit
 
     def to_local_ns(self, t_remote_ns: int) -> int:
         return self.t_ref_local_ns + round(
             (t_remote_ns - self.t_ref_local_ns - self.offset_ns) / (1.0 + self.drift))
 
+    def uncertainty_at_ns(self, t_local_ns: int) -> int:
+        """Bound on the mapping error at `t_local_ns`: the fit's, plus what the drift's error
+        and its unmodelled change add since the latest sample. It grows while the source is
+        silent, so a stale mapping never claims the accuracy of a fresh one."""
+        elapsed_s = abs(t_local_ns - self.t_ref_local_ns) / 1e9
+        return self.uncertainty_ns + round(
+            (self.drift_uncertainty + self.drift_wander) * elapsed_s * 1e9)
+
     def summary(self, now_ns: int) -> dict[str, Any]:
         return {"offset_ms": round(self.offset_ns / 1e6, 4),
                 "drift_ppm": round(self.drift * 1e6, 3),
-                "uncertainty_ms": round(self.uncertainty_ns / 1e6, 4),
+                "uncertainty_ms": round(self.uncertainty_at_ns(now_ns) / 1e6, 4),
+                "fit_uncertainty_ms": round(self.uncertainty_ns / 1e6, 4),
+                "drift_uncertainty_ppm": round(self.drift_uncertainty * 1e6, 3),
                 "age_s": round((now_ns - self.t_ref_local_ns) / 1e9, 3),
                 "samples": self.samples, "min_rtt_ms": round(self.min_rtt_ns / 1e6, 4)}
 
@@ -95,9 +115,13 @@ class Exchange:
 class ClockEstimator:
     """Offset + drift from bursts of exchanges, fitted over a sliding window."""
 
-    def __init__(self, window_ns: int = DEFAULT_WINDOW_NS, initial_drift: float = 0.0) -> None:
+    def __init__(self, window_ns: int = DEFAULT_WINDOW_NS, initial_drift: float = 0.0,
+                 drift_wander: float = DRIFT_WANDER) -> None:
         self._window_ns = window_ns
         self._initial_drift = initial_drift  # a calibrated drift, used until one can be fitted
+        self._initial_drift_bound = (_CALIBRATED_DRIFT_BOUND if initial_drift
+                                     else _UNFITTED_DRIFT_BOUND)
+        self._drift_wander = drift_wander
         self._kept: deque[Exchange] = deque()
         self.mapping: ClockMapping | None = None
 
@@ -125,7 +149,8 @@ class ClockEstimator:
             # half its round trip, with the calibrated drift.
             latest = kept[-1]
             return ClockMapping(t_ref_ns, round(latest.offset_ns), self._initial_drift,
-                                round(half_rtt[-1]), n, round(2 * min(half_rtt)))
+                                round(half_rtt[-1]), n, round(2 * min(half_rtt)),
+                                self._initial_drift_bound, self._drift_wander)
         y_mean = sum(y) / n
         slope = sum((xi - x_mean) * (yi - y_mean) for xi, yi in zip(x, y)) / sxx  # ns per s
         offset = y_mean - slope * x_mean
@@ -134,25 +159,37 @@ class ClockEstimator:
         # of the residuals gives a much tighter (3.5 sigma, more with few samples) figure.
         weights = [1 / n + (0 - x_mean) * (xi - x_mean) / sxx for xi in x]
         bound = sum(abs(w) * h for w, h in zip(weights, half_rtt))
-        uncertainty = bound
+        # The slope is sum((x_i - x_mean) / sxx * y_i): the same two bounds for the drift.
+        slope_bound = sum(abs(xi - x_mean) / sxx * h for xi, h in zip(x, half_rtt))
+        uncertainty, slope_uncertainty = bound, slope_bound
         if n >= _MIN_STAT_SAMPLES:
             ssr = sum((yi - offset - slope * xi) ** 2 for xi, yi in zip(x, y))
+            sigmas = _SIGMAS + 10 / (n - 2)
             sigma = math.sqrt(ssr / (n - 2) * (1 / n + x_mean ** 2 / sxx))
-            uncertainty = min(bound, (_SIGMAS + 10 / (n - 2)) * sigma)
+            uncertainty = min(bound, sigmas * sigma)
+            slope_uncertainty = min(slope_bound, sigmas * math.sqrt(ssr / (n - 2) / sxx))
         return ClockMapping(t_ref_ns, round(offset), slope / 1e9, round(uncertainty), n,
-                            round(2 * min(half_rtt)))
+                            round(2 * min(half_rtt)), slope_uncertainty / 1e9,
+                            self._drift_wander)
 
 
 class ClockResponder:
     """Answers clock requests with this host's time; run it on the remote source.
 
     `delay_ns`, when given, draws an extra one-way delay (ns) before stamping the request and
-    after stamping the reply: a simulated network for `bench clock` and the tests."""
+    after stamping the reply: a simulated network for `bench clock` and the tests.
+
+    Beyond loopback it needs `keys`: the remote source is then a CURVE client of the node
+    (its own client key, the node's public key; docs/security.md)."""
 
     def __init__(self, context: zmq.Context, endpoint: str, clock: Clock,
-                 delay_ns: Callable[[], int] | None = None) -> None:
+                 delay_ns: Callable[[], int] | None = None,
+                 keys: ClientKeys | None = None) -> None:
+        check_endpoint(endpoint, keys is not None, "clock responder endpoint")
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.apply(self._socket)
         try:
             self._socket.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -196,10 +233,14 @@ class ClockTracker:
     def __init__(self, context: zmq.Context, endpoint: str, clock: Clock, *,
                  burst: int = DEFAULT_BURST, period_ns: int = DEFAULT_PERIOD_NS,
                  window_ns: int = DEFAULT_WINDOW_NS, timeout_ms: int = DEFAULT_TIMEOUT_MS,
-                 initial_drift: float = 0.0) -> None:
+                 initial_drift: float = 0.0, curve: CurveServer | None = None) -> None:
         self.endpoint = endpoint
         self._socket = context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # A responder on another host must prove an allowed client key.
+        self._curve = curve if curve is not None and not is_loopback_or_ipc(endpoint) else None
+        if self._curve is not None:
+            self._curve.protect(self._socket, "clock")
         self._socket.connect(endpoint)
         self._clock = clock
         self._burst = burst
@@ -252,6 +293,8 @@ class ClockTracker:
                 time.sleep(min(0.05, max(0, next_ns - self._clock.now_ns()) / 1e9))
 
     def close(self) -> None:
+        if self._curve is not None:
+            self._curve.unprotect(self._socket)
         self._socket.close()
 
 
@@ -290,6 +333,9 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("--sim-delay-ms", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="simulate random one-way delays in this range")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--client-key", help="this source's .key_secret (needed beyond "
+                        "loopback; docs/security.md)")
+    parser.add_argument("--server-key", help="the node's public .key")
     args = parser.parse_args(argv)
     clock: Clock = MonotonicClock()
     if args.sim_offset_s is not None:
@@ -301,8 +347,13 @@ def _serve(argv: list[str]) -> int:
     context = zmq.Context()
     stop = threading.Event()
     try:
-        responder = ClockResponder(context, args.endpoint, clock, delay)
-    except ClockError as exc:
+        if (args.client_key is None) != (args.server_key is None):
+            raise ConfigError("--client-key and --server-key go together")
+        keys = (ClientKeys.load(args.client_key, args.server_key)
+                if args.client_key is not None else None)
+        responder = ClockResponder(context, args.endpoint, clock, delay, keys=keys)
+    except (ClockError, ConfigError) as exc:
+        context.term()
         print(f"fusion_node.remote_clock: error: {exc}", file=sys.stderr)
         return 1
     # The bound endpoint (a wildcard port resolved) on the first line, for whoever started us.

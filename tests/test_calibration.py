@@ -149,25 +149,32 @@ def test_bad_board_argument(tmp_path, capsys):
 
 FPS = 25
 RATE = 16_000
-CLAPS_NS = (1_000_000_000, 2_200_000_000, 3_600_000_000)  # on the 40 ms frame grid
+# Clap times in no phase with either frame grid: a frame exposed while the flash began is
+# partly lit.
+CLAPS_NS = (1_013_000_000, 2_227_000_000, 3_641_000_000)
+FLASH_NS = 80_000_000
 T0_NS = 5_000_000_000_000  # monotonic stamps far from zero, as on a robot
 
 
 def write_clap_log(path: Path, offset_ms: float, audio: bool = True, video: bool = True,
-                   seed: int = 0) -> None:
-    """4.5 s of a 25 fps camera and 16 kHz microphone; at each clap a flash (two bright
-    frames) and a click heard `offset_ms` later than seen (audio stamped late when > 0)."""
+                   seed: int = 0, fps: float = FPS) -> None:
+    """4.5 s of a camera at `fps` and a 16 kHz microphone; at each clap an 80 ms flash and a
+    click heard `offset_ms` later than seen (audio stamped late when > 0). The camera exposes
+    over its whole frame period and stamps mid-exposure, so a frame's brightness is the lit
+    fraction of its exposure."""
     rng = np.random.default_rng(seed)
     writer = LogWriter(str(path), preview_hz=0)
     chunk = RATE // 50  # 20 ms chunks
     duration_ns = 4_500_000_000
     offset_ns = round(offset_ms * 1e6)
+    period_ns = 1e9 / fps
     events = []
     if video:
-        for seq in range(duration_ns * FPS // 1_000_000_000):
-            t_ns = seq * 1_000_000_000 // FPS
-            lit = any(0 <= t_ns - c < 80_000_000 for c in CLAPS_NS)
-            image = rng.integers(40, 60, (24, 32, 3), dtype=np.uint8) + (150 if lit else 0)
+        for seq in range(int(duration_ns / period_ns)):
+            t_ns = round(seq * period_ns)
+            lit_ns = sum(max(0.0, min(t_ns + period_ns / 2, c + FLASH_NS)
+                             - max(t_ns - period_ns / 2, c)) for c in CLAPS_NS)
+            image = rng.integers(40, 60, (24, 32, 3)) + 150 * lit_ns / period_ns
             events.append((T0_NS + t_ns, Frame("camera.front", seq, T0_NS + t_ns,
                                                image.astype(np.uint8))))
     if audio:
@@ -185,14 +192,18 @@ def write_clap_log(path: Path, offset_ms: float, audio: bool = True, video: bool
     writer.close()
 
 
-@pytest.mark.parametrize("offset_ms", [-80, -40, 0, 40, 80])
-def test_av_offset_of_synthesised_claps(tmp_path, offset_ms):
+@pytest.mark.parametrize("fps, offset_ms", [
+    (25, -80), (25, -40), (25, 0), (25, 40), (25, 80),
+    # Offsets that are not multiples of the 33.3 ms frame period.
+    (30, -67), (30, -13), (30, 27), (30, 53)])
+def test_av_offset_of_synthesised_claps(tmp_path, fps, offset_ms):
     path = tmp_path / "clap.mcap"
-    write_clap_log(path, offset_ms, seed=offset_ms + 100)
+    write_clap_log(path, offset_ms, seed=offset_ms + 100, fps=fps)
     estimate = estimate_av_offset(str(path))
     error_ms = estimate.offset_ns / 1e6 - offset_ms
-    print(f"av offset {offset_ms:+d} ms: estimated {estimate.offset_ns / 1e6:+.1f} ms, "
-          f"error {error_ms:+.1f} ms, confidence {estimate.confidence}")
+    print(f"clap av offset {offset_ms:+d} ms at {fps} fps: estimated "
+          f"{estimate.offset_ns / 1e6:+.1f} ms, error {error_ms:+.1f} ms, confidence "
+          f"{estimate.confidence}")
     assert abs(error_ms) <= 10
     assert (estimate.audio, estimate.video, estimate.events) == ("audio.mic0", "camera.front", 3)
     assert estimate.confidence > 0.5
@@ -240,6 +251,8 @@ def test_the_sim_robot_calibration_loads():
     ("cameras: {camera.front: missing.yaml}\n", "cannot read camera_info"),
     ("av_offset: {audio: audio.mic0, offset_ms: 3}\n", "av_offset must be"),
     ("- a list\n", "must be a YAML mapping"),
+    ("cameras: {camera.front: ../../etc/passwd}\n", "inside the calibration folder"),
+    ("cameras: {camera.front: /etc/passwd}\n", "inside the calibration folder"),
 ])
 def test_bad_calibration_files(tmp_path, text, message):
     path = tmp_path / "calibration.yaml"

@@ -4,8 +4,12 @@ then a second process over real sockets, the CLI, and the node mapping a remote 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Self
@@ -19,7 +23,13 @@ from fusion_node.clock import MonotonicClock
 from fusion_node.config import parse_config
 from fusion_node.node import Node
 from fusion_node.protocol import JointState
-from fusion_node.remote_clock import ClockEstimator, ClockResponder, Exchange, SimulatedRemoteClock
+from fusion_node.remote_clock import (
+    ClockEstimator,
+    ClockMapping,
+    ClockResponder,
+    Exchange,
+    SimulatedRemoteClock,
+)
 from fusion_node.transport import Publisher
 
 OFFSET_NS = 2_500_000_000
@@ -192,3 +202,124 @@ async def test_node_maps_a_remote_stream_and_publishes_the_uncertainty(tmp_path)
     mapped_ns = node.buffer.stats["joints.arm"].last_capture_ns
     error_ns = min(abs(mapped_ns - t) for t in sent)
     assert error_ns <= 1_000_000, f"mapped stamp off by {error_ns / 1e6:.3f} ms"
+
+
+def fitted_mapping(seed: int, duration_s: float = 10.0) -> ClockMapping:
+    """The mapping after `duration_s` of bursts, as in `simulate`."""
+    rng = random.Random(seed)
+    remote = SimulatedRemoteClock(OFFSET_NS, DRIFT)
+    estimator = ClockEstimator()
+    t_ns = start_ns = 7_000_000_000_000
+    mapping = None
+    while t_ns - start_ns < duration_s * 1e9:
+        exchanges = []
+        for _ in range(16):
+            t1 = remote.remote_of(t_ns + rng.randint(100_000, 5_000_000))
+            exchanges.append(Exchange(t_ns, t1, t1 + 20_000, remote.local_of(t1 + 20_000)
+                                      + rng.randint(100_000, 5_000_000)))
+            t_ns = exchanges[-1].t3_ns + 50_000
+        mapping = estimator.add_burst(exchanges)
+        t_ns += 250_000_000
+    assert mapping is not None
+    return mapping
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_uncertainty_grows_with_silence_and_covers_the_extrapolated_error(seed):
+    mapping = fitted_mapping(seed)
+    remote = SimulatedRemoteClock(OFFSET_NS, DRIFT)
+    growth_per_s = (mapping.drift_uncertainty + mapping.drift_wander) * 1e9
+    assert 0 < mapping.drift_uncertainty < 200e-6  # fitted: below the unfitted bound
+    for silent_s in (0, 1, 5, 30, 120):
+        t_local = mapping.t_ref_local_ns + silent_s * 1_000_000_000
+        uncertainty = mapping.uncertainty_at_ns(t_local)
+        assert uncertainty == pytest.approx(mapping.uncertainty_ns + silent_s * growth_per_s,
+                                            abs=1)
+        error = mapping.to_local_ns(remote.remote_of(t_local)) - t_local
+        assert abs(error) <= uncertainty, f"{silent_s} s silent: error {error} ns"
+
+
+def test_an_unfitted_drift_is_allowed_for():
+    first = ClockEstimator().add_burst([Exchange(0, OFFSET_NS + 100, OFFSET_NS + 100, 200)])
+    assert first is not None and first.uncertainty_at_ns(1_000_000_000) >= 200_000
+    calibrated = ClockEstimator(initial_drift=DRIFT).add_burst(
+        [Exchange(0, OFFSET_NS + 100, OFFSET_NS + 100, 200)])
+    assert calibrated is not None
+    assert 5_000 <= calibrated.uncertainty_at_ns(1_000_000_000) - 100 < 200_000
+
+
+def test_published_uncertainty_grows_while_the_remote_process_is_silent_and_covers_the_error(
+        tmp_path):
+    """A remote source in a second process over TCP is stopped (SIGSTOP) for 3 s: the node's
+    health shows the uncertainty growing while the true mapping error stays inside it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fusion_node.remote_clock", "serve", "tcp://127.0.0.1:*",
+         "--sim-offset-s", "2.5", "--sim-drift-ppm", "50", "--sim-delay-ms", "0.1", "2"],
+        stdout=subprocess.PIPE, text=True)
+    truth = SimulatedRemoteClock(OFFSET_NS, DRIFT)
+    try:
+        line = process.stdout.readline() if process.stdout else ""
+        endpoint = json.loads(line)["endpoint"]
+        config = parse_config(REMOTE_ARM.replace("{endpoint}", f"ipc://{tmp_path}/c.ipc")
+                              .replace("{run_dir}", str(tmp_path)).replace("{clock}", endpoint),
+                              "test")
+        history = asyncio.run(_silence_the_remote(config, process, truth))
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.terminate()
+        process.wait(5)
+    for phase, age_s, samples, uncertainty_ms, error_ms in history:
+        print(f"{phase:8} age {age_s:5.2f} s samples {samples:3d} uncertainty "
+              f"{uncertainty_ms:7.4f} ms true error {error_ms:+8.4f} ms")
+    assert all(abs(error) <= uncertainty for *_, uncertainty, error in history)
+    silent = [h for h in history if h[0] == "silent"]
+    before = [h for h in history if h[0] == "answering"][-1]
+    after = [h for h in history if h[0] == "back"][-1]
+    assert len(silent) >= 5 and {h[2] for h in silent} == {before[2]}  # no new samples
+    uncertainties = [before[3]] + [h[3] for h in silent]
+    assert all(b > a for a, b in itertools.pairwise(uncertainties)), uncertainties
+    assert silent[-1][1] >= 2.5  # the published age says how stale the mapping is
+    assert after[2] > before[2] and after[3] < silent[-1][3]
+
+
+async def _silence_the_remote(config, process, truth) -> list[tuple[str, float, int, float,
+                                                                     float]]:
+    node = Node(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(node.run(stop))
+    history = []
+
+    def observe(phase: str) -> None:
+        clock = node.health()["streams"]["joints.arm"]["clock"]
+        now = node.clock.now_ns()
+        mapping = node.clock_trackers["joints.arm"].mapping
+        error_ns = mapping.to_local_ns(truth.remote_of(now)) - now
+        history.append((phase, clock["age_s"], clock["samples"], clock["uncertainty_ms"],
+                        error_ns / 1e6))
+
+    try:
+        # Until the window spans enough to fit a drift (2 s) and a little more.
+        for _ in range(400):
+            await asyncio.sleep(0.05)
+            tracker = node.clock_trackers.get("joints.arm")
+            if tracker is not None and tracker.mapping is not None \
+                    and tracker.mapping.samples >= 14:
+                break
+        observe("answering")
+        process.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(0.5)  # a burst under way when stopped may still finish
+        observe("answering")
+        for _ in range(6):
+            await asyncio.sleep(0.5)
+            observe("silent")
+        process.send_signal(signal.SIGCONT)
+        for _ in range(60):
+            await asyncio.sleep(0.1)
+            observe("back")
+            if history[-1][1] < 0.5 and history[-1][2] > history[-8][2]:
+                break
+    finally:
+        stop.set()
+        await task
+    return history

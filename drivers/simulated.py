@@ -3,47 +3,126 @@
 Each source is paced on the clock: sample k is captured at `t0 + k * period` (t0 = the clock
 at `connect`), delivered once the clock passes the end of its capture, and stamped with its
 true capture time. Camera and microphone follow one speech script, a pure function of clock
-time (relative to the clock's zero), so the mouth opens exactly when the audio is voiced,
-even when the two run in different processes.
+time (relative to the clock's zero), so the mouth moves exactly with the voice, even when
+the two run in different processes.
+
+The script (`drivers/data/sim_speech.npz`, written by `python -m engines.speech_corpus
+--write-sim-script`) is real speech: robot commands spoken by espeak-ng voices that the
+speech model never heard in training, with phoneme timings that drive the drawn mouth. Some
+commands are said off-screen, with the visible mouth still.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from drivers.microphone import AudioChunker
+from engines.espeak import Phoneme
+from engines.mouth import REST, Appearance, mouth_track, render_mouth
 from fusion_node.clock import Clock
 from fusion_node.errors import ConfigError
 from fusion_node.protocol import AudioChunk, Frame, JointState
 
 _NS_PER_S = 1_000_000_000
 
-# Speech script: speak for 1.2 s, pause for 0.8 s, repeating; syllables at 4 Hz.
-SPEECH_ON_NS = 1_200_000_000
-SPEECH_PERIOD_NS = 2_000_000_000
-SYLLABLE_HZ = 4
+SLOT_NS = 3_000_000_000
+"""One utterance per slot of the speech script."""
+UTTERANCE_START_NS = 500_000_000
+"""Where in its slot each utterance starts."""
 
 FRAME_WIDTH = 640
 FRAME_HEIGHT = 480
 MOUTH_ROI = (256, 272, 128, 96)
 """(x, y, w, h) of the rectangle in simulated frames that contains the whole mouth."""
 
+SCRIPT_PATH = Path(__file__).parent / "data" / "sim_speech.npz"
+_APPEARANCE = Appearance(skin=(225, 175, 140), lips=(160, 60, 70), mouth_half_width=38.0,
+                         lip_thickness=5.0, max_opening=22.0, teeth=True)
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One entry of the speech script."""
+
+    samples: np.ndarray  # float32 at SAMPLE_RATE
+    command: int  # index into engines.vocabulary.COMMANDS
+    visible: bool  # said by the person in view (else off-screen)
+    phonemes: tuple[Phoneme, ...]
+
+
+SAMPLE_RATE = 16_000
+
+
+@functools.cache
+def script() -> tuple[Utterance, ...]:
+    """The speech script, loaded once per process."""
+    try:
+        data = np.load(SCRIPT_PATH)
+    except OSError as exc:
+        raise ConfigError(f"simulated speech script {SCRIPT_PATH}: {exc}") from None
+    if int(data["sample_rate"]) != SAMPLE_RATE:
+        raise ConfigError(f"simulated speech script {SCRIPT_PATH}: sample rate "
+                          f"{int(data['sample_rate'])}, expected {SAMPLE_RATE}")
+    audio = data["audio"].astype(np.float32) / 32768.0
+    offsets = data["offsets"]
+    entries = []
+    for i, (command, visible) in enumerate(zip(data["commands"], data["visible"],
+                                               strict=True)):
+        names = str(data["phonemes"][i]).split(" ")
+        starts = [float(t) for t in str(data["phoneme_starts"][i]).split(",")]
+        entries.append(Utterance(audio[offsets[i]:offsets[i + 1]], int(command),
+                                 bool(visible), tuple(map(Phoneme, names, starts))))
+    return tuple(entries)
+
+
+def utterance_at(t_ns: int) -> tuple[Utterance, float]:
+    """The script's utterance of the slot holding `t_ns`, and `t_ns`'s time (s) relative to
+    the utterance's start (negative before it)."""
+    entries = script()
+    slot, within_ns = divmod(int(t_ns), SLOT_NS)
+    return entries[slot % len(entries)], (within_ns - UTTERANCE_START_NS) / _NS_PER_S
+
 
 def speaking(t_ns: int) -> bool:
-    """Whether the simulated person is speaking at clock time `t_ns`."""
-    return t_ns % SPEECH_PERIOD_NS < SPEECH_ON_NS
+    """Whether anyone (in view or not) is speaking at clock time `t_ns`."""
+    utterance, t_s = utterance_at(t_ns)
+    return 0 <= t_s < len(utterance.samples) / SAMPLE_RATE
+
+
+def mouth_shape(t_ns: int) -> tuple[float, float]:
+    """(opening, width) of the visible mouth at clock time `t_ns`."""
+    utterance, t_s = utterance_at(t_ns)
+    if not utterance.visible:
+        return REST
+    duration = len(utterance.samples) / SAMPLE_RATE
+    opening, width = mouth_track(utterance.phonemes, duration, np.array([t_s]))[0]
+    return float(opening), float(width)
 
 
 def mouth_opening(t_ns: np.ndarray | int) -> np.ndarray:
-    """Mouth opening in [0, 1] at clock time(s) `t_ns`: one open-close cycle per syllable
-    while speaking, closed otherwise. Also the envelope of the simulated voice."""
-    phase_ns = np.asarray(t_ns, dtype=np.int64) % SPEECH_PERIOD_NS
-    syllable = 0.5 - 0.5 * np.cos(2 * np.pi * SYLLABLE_HZ * phase_ns / _NS_PER_S)
-    return np.where(phase_ns < SPEECH_ON_NS, syllable, 0.0)
+    """Opening in [0, 1] of the visible mouth at clock time(s) `t_ns`."""
+    times = np.atleast_1d(np.asarray(t_ns, dtype=np.int64))
+    return np.array([mouth_shape(int(t))[0] for t in times]).reshape(np.shape(t_ns))
+
+
+def voice(t_ns: np.ndarray) -> np.ndarray:
+    """The script's audio samples (float, [-1, 1]) at clock times `t_ns`."""
+    times = np.asarray(t_ns, dtype=np.int64)
+    out = np.zeros(len(times), np.float32)
+    entries = script()
+    slots, within_ns = np.divmod(times, SLOT_NS)
+    index = (within_ns - UTTERANCE_START_NS) * SAMPLE_RATE // _NS_PER_S
+    for slot in np.unique(slots):
+        samples = entries[int(slot) % len(entries)].samples
+        mine = (slots == slot) & (index >= 0) & (index < len(samples))
+        out[mine] = samples[index[mine]]
+    return out
 
 
 class _Pacer:
@@ -90,10 +169,6 @@ class SimulatedCamera:
         self.stream = config.stream
         self._pacer = _Pacer(clock, config.fps)
         self._background = _render_face()
-        _, _, w, h = MOUTH_ROI
-        ys, xs = np.mgrid[0:h, 0:w]
-        self._mouth_dx2 = ((xs - w / 2) / (0.4 * w)) ** 2
-        self._mouth_dy = ys - h / 2
 
     async def connect(self) -> None:
         self._pacer.start()
@@ -113,12 +188,8 @@ class SimulatedCamera:
         """The frame the camera sees at clock time `t_ns` (a new array)."""
         image = self._background.copy()
         x, y, w, h = MOUTH_ROI
-        roi = image[y:y + h, x:x + w]
-        half_height = 4 + 0.4 * h * float(mouth_opening(t_ns))
-        lips = self._mouth_dx2 + (self._mouth_dy / half_height) ** 2 <= 1.0
-        roi[lips] = (150, 40, 50)
-        inner = self._mouth_dx2 / 0.8 + (self._mouth_dy / max(half_height - 4, 1e-3)) ** 2 <= 1.0
-        roi[inner] = (40, 10, 15)
+        opening, width = mouth_shape(t_ns)
+        render_mouth(_APPEARANCE, opening, width, out=image[y:y + h, x:x + w])
         return image
 
     async def disconnect(self) -> None:
@@ -145,8 +216,8 @@ def _render_face() -> np.ndarray:
 
 @dataclass(frozen=True, slots=True)
 class SimulatedMicrophoneConfig:
-    """A simulated microphone: a voiced harmonic signal while the script speaks, low noise
-    otherwise. `seed` fixes the noise."""
+    """A simulated microphone: the speech script's voice plus a low noise floor. `seed`
+    fixes the noise."""
 
     stream: str
     sample_rate: int = 16000
@@ -160,9 +231,7 @@ class SimulatedMicrophoneConfig:
                                   "must be > 0")
 
 
-_F0_HZ = 120  # integer, so the phase is exact from the time modulo one second
-_HARMONICS = 8
-_VOICE_PEAK = 8000.0
+_VOICE_GAIN = 0.5  # the script peaks at about half of full scale
 _NOISE_STD = 30.0
 
 
@@ -175,9 +244,6 @@ class SimulatedMicrophone:
         self._chunker = AudioChunker(config.stream, config.sample_rate, 1, config.chunk_ms)
         self._pacer = _Pacer(clock, config.sample_rate)
         self._rng = np.random.default_rng(config.seed)
-        harmonics = np.arange(1, _HARMONICS + 1)
-        self._harmonic_hz = _F0_HZ * harmonics
-        self._harmonic_gain = _VOICE_PEAK / harmonics / np.sum(1 / harmonics)
 
     async def connect(self) -> None:
         self._pacer.start()
@@ -197,9 +263,8 @@ class SimulatedMicrophone:
         return chunk
 
     def _synthesise(self, t_ns: np.ndarray) -> np.ndarray:
-        t_s = (t_ns % _NS_PER_S) / _NS_PER_S
-        voice = np.sin(2 * np.pi * np.outer(t_s, self._harmonic_hz)) @ self._harmonic_gain
-        signal = voice * mouth_opening(t_ns) + self._rng.normal(0, _NOISE_STD, len(t_ns))
+        signal = (voice(t_ns) * (_VOICE_GAIN * 32768)
+                  + self._rng.normal(0, _NOISE_STD, len(t_ns)))
         return np.clip(np.round(signal), -32768, 32767).astype(np.int16)[:, None]
 
     async def disconnect(self) -> None:

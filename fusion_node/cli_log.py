@@ -263,7 +263,7 @@ def run_record_bench(duration_s: float = 20.0) -> dict[str, Any]:
         SimulatedCamera,
         SimulatedCameraConfig,
         joint_motion,
-        mouth_opening,
+        voice,
     )
     from fusion_node.clock import MonotonicClock, thread_cpu_ns
     from fusion_node.config import load_config
@@ -312,10 +312,9 @@ def run_record_bench(duration_s: float = 20.0) -> dict[str, Any]:
                 raw_bytes += msg.image.nbytes
             elif kind == "audio":
                 times = t_ns + np.arange(160, dtype=np.int64) * 62_500
-                voice = 8000 * np.sin(2 * np.pi * 240 * (times % 10**9) / 1e9) \
-                    * mouth_opening(times) + rng.normal(0, 30, 160)
+                samples = 16000 * voice(times) + rng.normal(0, 30, 160)
                 msg = AudioChunk("audio.mic0", seq, t_ns, 16_000, seq * 160,
-                                 voice.astype(np.int16)[:, None])
+                                 samples.astype(np.int16)[:, None])
                 raw_bytes += msg.samples.nbytes
             else:
                 position, velocity, effort = joint_motion(t_ns)

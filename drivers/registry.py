@@ -29,6 +29,7 @@ _KINDS: dict[str, tuple[str, str, str]] = {
     "sim_microphone": ("drivers.simulated", "SimulatedMicrophone",
                        "SimulatedMicrophoneConfig"),
     "sim_joints": ("drivers.simulated", "SimulatedJoints", "SimulatedJointsConfig"),
+    "sim_arm": ("drivers.sim_arm", "SimulatedArm", "SimulatedArmConfig"),
 }
 KINDS = tuple(_KINDS)
 

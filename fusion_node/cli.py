@@ -104,14 +104,21 @@ def _echo(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    # With --plot, the benches also hand back their raw samples (never printed).
+    samples: dict[str, Any] | None = None
+    if args.plot:
+        from fusion_node.plots import check_plot_request
+
+        check_plot_request(args.what, args.plot)
+        samples = {}
     if args.what == "transport":
         from fusion_node.bench_transport import run_transport_bench
 
-        result = run_transport_bench(count=args.count)
+        result = run_transport_bench(count=args.count, samples=samples)
     elif args.what == "engines":
         from fusion_node.cli_engine import run_engine_bench
 
-        result = run_engine_bench(iterations=args.iterations)
+        result = run_engine_bench(iterations=args.iterations, samples=samples)
     elif args.what == "clock":
         from fusion_node.cli_calibrate import run_clock_bench
 
@@ -120,15 +127,28 @@ def _bench(args: argparse.Namespace) -> None:
         from fusion_node.bench_client import run_client_bench
 
         result = run_client_bench(duration_s=args.duration)
+    elif args.what == "fuzz":
+        from fusion_node.fuzz import run_fuzz_bench
+
+        result = run_fuzz_bench(inputs=args.inputs, seconds=args.seconds, seed=args.seed)
     elif args.what == "record":
         from fusion_node.cli_log import run_record_bench
 
         result = run_record_bench(duration_s=args.duration)
+    elif args.what == "soak":
+        from fusion_node.bench_soak import run_soak_bench
+
+        result = run_soak_bench(minutes=args.minutes)
     else:
         from fusion_node.bench_pipeline import run_pipeline_bench
 
-        result = run_pipeline_bench(duration_s=args.duration)
+        result = run_pipeline_bench(duration_s=args.duration, samples=samples)
     print(json.dumps(result, indent=None if args.json else 2))
+    if args.plot and samples is not None:
+        from fusion_node.plots import plot_bench
+
+        for path in plot_bench(args.what, result, samples, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,13 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure transport, pipeline or engine "
                                 "performance")
     bench.add_argument("what", choices=("transport", "pipeline", "engines", "record",
-                                               "clock", "client"))
+                                               "clock", "client", "fuzz", "soak"))
     bench.add_argument("--json", action="store_true", help="one-line JSON")
     bench.add_argument("--count", type=int, default=2000, help="messages per kind (transport)")
     bench.add_argument("--duration", type=float, default=20.0,
                        help="seconds (pipeline, record, clock)")
     bench.add_argument("--iterations", type=int, default=200,
                        help="timed calls per backend (engines)")
+    bench.add_argument("--inputs", type=int, default=1_000_000,
+                       help="protocol decoder inputs (fuzz)")
+    bench.add_argument("--seconds", type=float, default=20.0,
+                       help="seconds for each file loader: launch, calibration, mcap (fuzz)")
+    bench.add_argument("--seed", type=int, default=0, help="mutation seed (fuzz)")
+    bench.add_argument("--minutes", type=float, default=30.0,
+                       help="minutes of the default node under injected faults (soak)")
+    bench.add_argument("--plot", metavar="DIR", help="also write PNG plots and the JSON "
+                       "into DIR (transport, pipeline, engines; needs matplotlib)")
     from fusion_node.cli_engine import add_engine_parser
 
     add_engine_parser(commands)
@@ -184,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     from fusion_node.cli_calibrate import add_calibrate_parser
 
     add_calibrate_parser(commands)
+    from fusion_node.cli_view import add_view_parser
+
+    add_view_parser(commands)
+    from fusion_node.cli_keys import add_keys_parser
+
+    add_keys_parser(commands)
+    from fusion_node.cli_eval import add_eval_parser
+
+    add_eval_parser(commands)
     return parser
 
 
@@ -208,10 +246,23 @@ def main(argv: list[str] | None = None) -> int:
             from fusion_node.cli_calibrate import run_calibrate_command
 
             print(json.dumps(run_calibrate_command(args), indent=2))
+        elif args.command == "keys":
+            from fusion_node.cli_keys import run_keys_command
+
+            print(json.dumps(run_keys_command(args), indent=2))
         elif args.command == "engine":
             from fusion_node.cli_engine import run_engine_command
 
             print(json.dumps(run_engine_command(args), indent=2))
+        elif args.command == "eval":
+            from fusion_node.cli_eval import run_eval_command
+
+            report = run_eval_command(args)
+            print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+        elif args.command == "view":
+            from fusion_node.cli_view import run_view_command
+
+            run_view_command(args)
         else:
             _bench(args)
     except FusionError as exc:

@@ -24,7 +24,7 @@ DEFAULT_CAPACITY = {"frame": 64, "audio": 256, "joints": 512, "prediction": 64}
 DRIVER_KIND_TO_SAMPLE = {
     "camera": "frame", "sim_camera": "frame",
     "microphone": "audio", "wav": "audio", "sim_microphone": "audio",
-    "joints_zmq": "joints", "sim_joints": "joints",
+    "joints_zmq": "joints", "sim_joints": "joints", "sim_arm": "joints",
 }
 BINDINGS = ("speech", "action", "spec")
 

@@ -31,7 +31,7 @@ from fusion_node.calibration import Calibration, load_calibration
 from fusion_node.clock import Clock, MonotonicClock
 from fusion_node.config import EngineConfig, NodeConfig
 from fusion_node.errors import CalibrationError, ConfigError, EndOfStream, FusionError
-from fusion_node.protocol import Health, Message, Prediction
+from fusion_node.protocol import AudioChunk, Health, Message, Prediction
 from fusion_node.remote_clock import ClockTracker
 from fusion_node.scheduling import (
     Binding,
@@ -40,6 +40,7 @@ from fusion_node.scheduling import (
     PredictionSink,
     realtime_context,
 )
+from fusion_node.security import CurveServer, load_key_pair, private_directory
 from fusion_node.supervisor import SupervisedProcess
 from fusion_node.systemd import SystemdNotifier
 from fusion_node.transport import Publisher, Subscriber
@@ -80,10 +81,14 @@ def make_binding(engine: EngineConfig, config: NodeConfig) -> Binding:
     inputs = engine.inputs
     try:
         if engine.binding == "speech":
-            roi = tuple(engine.params.get("mouth_roi", ()))
+            roi = engine.params.get("mouth_roi", ())
+            if roi == "landmarks":  # found per frame by the face landmark model
+                return SpeechBinding(inputs["audio"], inputs["video"], roi)
+            roi = tuple(roi) if isinstance(roi, (list, tuple)) else ()
             if len(roi) != 4 or not all(isinstance(v, int) for v in roi):
                 raise ConfigError(f"engine {engine.name!r}: params.mouth_roi must be "
-                                  f"[x, y, w, h] ints, got {engine.params.get('mouth_roi')!r}")
+                                  f"[x, y, w, h] ints or \"landmarks\", "
+                                  f"got {engine.params.get('mouth_roi')!r}")
             return SpeechBinding(inputs["audio"], inputs["video"], roi)  # type: ignore[arg-type]
         producer = next((e for e in config.engines if e.topic == inputs["command"]), None)
         if producer is None:
@@ -133,6 +138,31 @@ def build_engine_runners(config: NodeConfig, clock: Clock, buffer: AlignmentBuff
     return runners
 
 
+class AudioContinuity:
+    """Samples missing between consecutive chunks of each audio stream's run (a device
+    overrun, a lost chunk), counted for node.health; the alignment buffer masks them."""
+
+    def __init__(self) -> None:
+        self._next_index: dict[str, int] = {}
+        self.gaps: Counter[str] = Counter()
+        self.gap_samples: Counter[str] = Counter()
+
+    def note(self, msg: Message) -> None:
+        if not isinstance(msg, AudioChunk):
+            return
+        expected = self._next_index.get(msg.stream)
+        if expected is not None and msg.sample_index > expected:
+            self.gaps[msg.stream] += 1
+            self.gap_samples[msg.stream] += msg.sample_index - expected
+        # An index going back is a restarted driver (a new run): follow it.
+        self._next_index[msg.stream] = msg.sample_index + len(msg.samples)
+
+    def summary(self, stream: str) -> dict[str, int] | None:
+        if stream not in self._next_index:
+            return None
+        return {"sample_gaps": self.gaps[stream], "gap_samples": self.gap_samples[stream]}
+
+
 class Node:
     def __init__(self, config: NodeConfig, clock: Clock | None = None,
                  context: zmq.Context | None = None) -> None:
@@ -168,6 +198,8 @@ class Node:
             self._corrections_ns = self.calibration.corrections_ns()
         self.clock_trackers: dict[str, ClockTracker] = {}
         self.unmapped: Counter[str] = Counter()  # remote samples dropped: no mapping yet
+        self.audio_continuity = AudioContinuity()
+        self.curve: CurveServer | None = None  # with keys: authenticator, refusal counts
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -199,6 +231,7 @@ class Node:
                 sample = await driver.recv()
                 sample.t_receive_ns = self.clock.now_ns()
                 if self._correct(sample):
+                    self.audio_continuity.note(sample)
                     self.buffer.push(sample)
         except EndOfStream:
             log.info("driver %s reached the end of its source", stream)
@@ -213,6 +246,7 @@ class Node:
         while self._receiving.is_set():
             msg = subscriber.recv(timeout_ms=50)
             if msg is not None and (not correcting or self._correct(msg)):
+                self.audio_continuity.note(msg)
                 self.buffer.push(msg)
 
     def _correct(self, msg: Message) -> bool:
@@ -237,7 +271,7 @@ class Node:
             if stream.clock is None:
                 continue
             tracker = ClockTracker(self._context, stream.clock, self.clock,
-                                   initial_drift=drifts.get(stream.name, 0.0))
+                                   initial_drift=drifts.get(stream.name, 0.0), curve=self.curve)
             self.clock_trackers[stream.name] = tracker
             self._start_thread(f"clock {stream.name}", tracker.run_blocking, self._receiving)
 
@@ -286,11 +320,23 @@ class Node:
         run_dir_tmp = None
         if self.config.run_dir:
             run_dir = Path(self.config.run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
+            # Driver sockets live here: only this user may reach them (docs/security.md).
+            private_directory(run_dir, "node.run_dir")
         else:
             run_dir_tmp = tempfile.TemporaryDirectory(prefix="fusion-node-")
             run_dir = Path(run_dir_tmp.name)
-        output = Publisher(self._context, self.config.pub)
+        if self.config.server_secret_key is not None:
+            assert self.config.allowed_clients is not None
+            self.curve = CurveServer(self._context, load_key_pair(self.config.server_secret_key,
+                                                                  "node.server_secret_key"),
+                                     self.config.allowed_clients)
+            self.curve.start()
+        try:
+            output = Publisher(self._context, self.config.pub, curve=self.curve)
+        except BaseException:
+            if self.curve is not None:
+                self.curve.close()
+            raise
         self.pub_endpoint = output.endpoint
         publisher = DeadlinePublisher(output.send_parts, self.clock,
                                       on_published=self._on_published)
@@ -303,7 +349,8 @@ class Node:
                 endpoints = self._driver_processes(run_dir) + list(self.config.connect)
                 supervisors = [tasks.create_task(p.run(), name=p.name)
                                for p in self.driver_processes.values()]
-                self.subscriber = Subscriber(self._context, endpoints, self.clock)
+                self.subscriber = Subscriber(self._context, endpoints, self.clock,
+                                             curve=self.curve)
                 self._receiving.set()
                 self._start_clock_trackers()
                 self._start_thread("receiver", self._receive_blocking, self.subscriber)
@@ -346,6 +393,8 @@ class Node:
             if self.subscriber is not None:
                 self.subscriber.close()
             output.close()
+            if self.curve is not None:
+                self.curve.close()
             if self._owns_context:
                 self._context.term()
             if run_dir_tmp is not None:
@@ -387,6 +436,9 @@ class Node:
                 if elapsed_s else 0.0
             entry["age_ms"] = round((now - stats.last_capture_ns) / 1e6, 3) \
                 if stats.last_capture_ns else None
+            continuity = self.audio_continuity.summary(stream)
+            if continuity is not None:
+                entry.update(continuity)
             if stream in self._corrections_ns:
                 entry["correction_ms"] = self._corrections_ns[stream] / 1e6
             tracker = self.clock_trackers.get(stream)
@@ -395,6 +447,9 @@ class Node:
                 entry["clock"] = {**(mapping.summary(now) if mapping else {"mapped": False}),
                                   "unmapped": self.unmapped[stream],
                                   "timeouts": tracker.timeouts}
+            else:
+                # Stamped by a driver on this host's monotonic clock: no offset to estimate.
+                entry["clock"] = {"source": "local", "uncertainty_ms": 0.0}
             streams[stream] = entry
         self._last_health = (now, {s: st.received for s, st in self.buffer.stats.items()})
         drivers: dict[str, dict[str, Any]] = {}
@@ -410,11 +465,13 @@ class Node:
             "rejected": dict(subscriber.rejected) if subscriber else {},
             "last_rejection": subscriber.last_error if subscriber else "",
             "unknown_streams": dict(self.buffer.unknown_streams),
-            "engines": {r.name: {**r.stats.summary(), "priority": r.priority}
+            "engines": {r.name: {**r.stats.summary(), "priority": r.priority,
+                                 **r.hang_status(now)}
                         for r in self.runners},
             "publish_jitter": publisher.jitter_ns.summary() if publisher else {},
             "publisher_priority": publisher.priority if publisher else "",
             "drivers": drivers,
+            "security": self.curve.summary() if self.curve is not None else {"curve": False},
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             **({"recorder": self.recorder.stats()} if self.recorder is not None else {}),
         }

@@ -30,7 +30,7 @@ def render(stats: dict[str, Any]) -> str:
               f"publish − deadline p50 {_ms(jitter, 'p50_ms')} p99 {_ms(jitter, 'p99_ms')} "
               f"max {_ms(jitter, 'max_ms')} ms"), ""]
     lines.append(f"{'stream':<16}{'rate Hz':>9}{'received':>10}{'age ms':>9}{'lost':>7}"
-                 f"{'too old':>9}{'dup':>6}  driver")
+                 f"{'too old':>9}{'dup':>6}{'clock ±ms':>10}  driver")
     for name, stream in stats.get("streams", {}).items():
         driver = drivers.get(name, {})
         state = driver.get("state", "")
@@ -39,9 +39,12 @@ def render(stats: dict[str, Any]) -> str:
         if driver.get("error"):
             state += f" error: {driver['error']}"
         age = stream.get("age_ms")
+        uncertainty = stream.get("clock", {}).get("uncertainty_ms")
+        clock = "-" if uncertainty is None else f"{uncertainty:.2f}"
         lines.append(f"{name:<16}{stream.get('rate_hz', 0):>9.1f}{stream.get('received', 0):>10}"
                      f"{'-' if age is None else f'{age:.1f}':>9}{stream.get('seq_gaps', 0):>7}"
-                     f"{stream.get('too_old', 0):>9}{stream.get('duplicates', 0):>6}  {state}")
+                     f"{stream.get('too_old', 0):>9}{stream.get('duplicates', 0):>6}"
+                     f"{clock:>10}  {state}")
     lines += ["", (f"{'engine':<10}{'published':>10}{'late':>6}{'skipped':>8}{'missing':>8}"
                    f"{'infer p50':>10}{'p99':>7}{'ready p50':>10}{'p99':>7}  priority")]
     for name, engine in stats.get("engines", {}).items():

@@ -10,11 +10,9 @@ subscribers resolve them into read-only views valid for the ring's lease.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import zmq
@@ -26,6 +24,7 @@ from fusion_node.security import (
     ClientKeys,
     CurveServer,
     check_endpoint,
+    is_loopback_or_ipc,
     restrict_ipc_socket,
     secure_ipc_directory,
 )
@@ -33,20 +32,6 @@ from fusion_node.shm import ShmConfig, ShmLease, ShmReader, ShmWriter
 
 DEFAULT_HWM = 100
 DEFAULT_SHM = ShmConfig()
-
-
-def is_local_endpoint(endpoint: str) -> bool:
-    """True if every peer of `endpoint` is on this host, so shared memory can reach it."""
-    scheme = endpoint.split("://", 1)[0]
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = urlsplit(endpoint).hostname or ""
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind_endpoint(endpoint: str, authenticated: bool = False) -> None:
@@ -73,7 +58,7 @@ class Publisher:
         secure_ipc_directory(endpoint)
         self._curve = curve
         self.endpoint = endpoint
-        self.shm_config = shm if shm is not None and is_local_endpoint(endpoint) else None
+        self.shm_config = shm if shm is not None and is_loopback_or_ipc(endpoint) else None
         # Created on the first large payload: a publisher of small messages maps nothing.
         self.shm: ShmWriter | None = None
         self._shm_threshold = (self.shm_config.threshold_bytes if self.shm_config is not None
@@ -156,7 +141,7 @@ class Subscriber:
         topics = tuple(topics)
         self._poller = zmq.Poller()
         self._sockets: list[zmq.Socket] = []
-        remote = ([e for e in endpoints if not is_local_endpoint(e)]
+        remote = ([e for e in endpoints if not is_loopback_or_ipc(e)]
                   if isinstance(curve, CurveServer) else [])
         local = [e for e in endpoints if e not in remote]
         self._socket = self._open(context, local, topics, hwm,

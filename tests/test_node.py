@@ -124,7 +124,7 @@ async def test_default_config_publishes_fixed_latency_predictions():
     assert abs(float(speech[-1].arrays["command_posterior"].sum()) - 1.0) < 1e-5
     assert isinstance(speech[-1].fields["command"], str)
     assert action[-1].arrays["actions"].shape == (20, 3)
-    assert action[-1].mask == {"camera.front": True, "joints.arm": True, "pred.speech": True}
+    assert action[-1].mask == {"camera.scene": True, "joints.arm": True, "pred.speech": True}
     steps = action[-1].arrays["step_times_ns"]
     assert steps[0] == action[-1].t_ref_ns + 20_000_000
     health = [m for m in collector.on("node.health") if isinstance(m, Health)]
@@ -380,8 +380,11 @@ async def test_top_renders_the_live_health():
     _, collector = await run_node(load_config(), 1.5)
     table = render(collector.on("node.health")[-1].stats)
     for expected in ("camera.front", "audio.mic0", "joints.arm", "speech", "action",
-                     "running", "publish − deadline"):
+                     "running", "publish − deadline", "clock ±ms"):
         assert expected in table
+    # Local streams share the node's clock: their stamps need no mapping.
+    streams = collector.on("node.health")[-1].stats["streams"]
+    assert streams["audio.mic0"]["clock"] == {"source": "local", "uncertainty_ms": 0.0}
     assert render({}).startswith("fusion-node")  # an empty or foreign map still renders
 
 

@@ -19,6 +19,7 @@ import zmq
 from fusion_node.clock import MonotonicClock
 from fusion_node.errors import ConfigError, ProtocolError
 from fusion_node.protocol import AudioChunk, Frame, JointState, decode, encode
+from fusion_node.security import is_loopback_or_ipc
 from fusion_node.shm import (
     SHM_DIR,
     ShmConfig,
@@ -28,7 +29,7 @@ from fusion_node.shm import (
     reclaim_stale_segments,
     segment_names,
 )
-from fusion_node.transport import Publisher, Subscriber, is_local_endpoint
+from fusion_node.transport import Publisher, Subscriber
 
 SHAPE = (240, 320, 3)  # 230,400 bytes: above the default 64 KiB threshold
 REPO = Path(__file__).resolve().parents[1]
@@ -338,10 +339,10 @@ def test_growing_payload_moves_to_a_bigger_segment() -> None:
 
 def test_publisher_chooses_shm_only_for_local_endpoints(context: zmq.Context,
                                                         tmp_path: Path) -> None:
-    assert is_local_endpoint("ipc:///tmp/x.ipc") and is_local_endpoint("inproc://x")
-    assert is_local_endpoint("tcp://127.0.0.1:5599") and is_local_endpoint("tcp://localhost:1")
-    assert not is_local_endpoint("tcp://10.0.0.2:5599")
-    assert not is_local_endpoint("tcp://robot.local:5599")
+    assert is_loopback_or_ipc("ipc:///tmp/x.ipc") and is_loopback_or_ipc("inproc://x")
+    assert is_loopback_or_ipc("tcp://127.0.0.1:5599") and is_loopback_or_ipc("tcp://localhost:1")
+    assert not is_loopback_or_ipc("tcp://10.0.0.2:5599")
+    assert not is_loopback_or_ipc("tcp://robot.local:5599")
     endpoint = f"ipc://{tmp_path}/plain.ipc"
     plain = Publisher(context, endpoint, shm=None)
     subscriber = Subscriber(context, [endpoint], MonotonicClock())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 
@@ -78,9 +79,21 @@ class Utterance:
 
 
 class Espeak:
-    """The espeak-ng library in synchronous mode with phoneme events."""
+    """The espeak-ng library in synchronous mode with phoneme events.
 
-    def __init__(self) -> None:
+    One per process: the library has a single synth callback, so a second instance would
+    take the first one's audio. `Espeak()` returns that one instance.
+    """
+
+    _instance: Self | None = None
+
+    def __new__(cls) -> Self:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+            cls._instance._initialise()
+        return cls._instance
+
+    def _initialise(self) -> None:
         name = ctypes.util.find_library("espeak-ng") or "libespeak-ng.so.1"
         try:
             self._lib = ctypes.CDLL(name)

@@ -81,7 +81,7 @@ TOPIC_SPECS: dict[str, dict[str, Any]] = {
     },
     "pred.action": {
         "latency_ns": 30_000_000,
-        "mask": {"camera.front", "joints.arm", "pred.speech"},
+        "mask": {"camera.scene", "joints.arm", "pred.speech"},
         "fields": {
             "joint_names": "str[]",
             "horizon": "int",

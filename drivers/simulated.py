@@ -235,6 +235,13 @@ _VOICE_GAIN = 0.5  # the script peaks at about half of full scale
 _NOISE_STD = 30.0
 
 
+def microphone_samples(t_ns: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """int16 [n, 1]: what the simulated microphone hears at clock times `t_ns`, the script's
+    voice plus a little sensor noise."""
+    signal = voice(t_ns) * (_VOICE_GAIN * 32768) + rng.normal(0, _NOISE_STD, len(t_ns))
+    return np.clip(np.round(signal), -32768, 32767).astype(np.int16)[:, None]
+
+
 class SimulatedMicrophone:
     """Mono int16 audio in fixed chunks through `AudioChunker`, following the speech script."""
 
@@ -263,9 +270,7 @@ class SimulatedMicrophone:
         return chunk
 
     def _synthesise(self, t_ns: np.ndarray) -> np.ndarray:
-        signal = (voice(t_ns) * (_VOICE_GAIN * 32768)
-                  + self._rng.normal(0, _NOISE_STD, len(t_ns)))
-        return np.clip(np.round(signal), -32768, 32767).astype(np.int16)[:, None]
+        return microphone_samples(t_ns, self._rng)
 
     async def disconnect(self) -> None:
         pass

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import numpy as np
 
     from fusion_node.clock import Clock
     from fusion_node.node import Node
@@ -143,22 +142,6 @@ def parse_schedule(text: str, what: str) -> list[tuple[float, float]]:
     return pairs
 
 
-_F0_HZ = 120
-_VOICE_PEAK = 8000.0
-
-
-def simulated_voice(t_ns: np.ndarray) -> np.ndarray:
-    """int16 [n, 1]: a voiced harmonic signal while the simulated face speaks, else silence."""
-    import numpy as np
-
-    from drivers.simulated import mouth_opening
-
-    phase = (t_ns % _NS_PER_S) / _NS_PER_S
-    voice = sum(np.sin(2 * np.pi * _F0_HZ * h * phase) / h for h in range(1, 9))
-    signal = _VOICE_PEAK / 2.7 * voice * mouth_opening(t_ns)
-    return np.clip(np.round(signal), -32768, 32767).astype(np.int16)[:, None]
-
-
 class _TimeInfo:
     """PortAudio's time info for an input callback, in seconds on CLOCK_MONOTONIC."""
 
@@ -204,6 +187,9 @@ class PacedInputDevice:
     def _run(self) -> None:
         import numpy as np
 
+        from drivers.simulated import microphone_samples
+
+        rng = np.random.default_rng(0)
         t0_ns = self._clock.now_ns()
         index = 0
         pending = list(self._overruns)
@@ -224,7 +210,7 @@ class PacedInputDevice:
                     return
                 t_ns = self._time_of(t0_ns, index) + (
                     np.arange(self._block, dtype=np.int64) * _NS_PER_S // self._rate)
-                block = simulated_voice(t_ns)
+                block = microphone_samples(t_ns, rng)
                 status = self._sd.CallbackFlags()
                 status.input_overflow = overflow
                 overflow = False

@@ -14,7 +14,7 @@ second; the action engine hanging past its timeout. A prediction whose t_ref lie
 or the second after it counts as "during faults".
 
 Figures: messages in and out, drops by reason, deadline misses (during and outside faults),
-publish-time jitter, RSS at start and end (and its growth per hour, fitted over the run
+publish-time jitter, the node's garbage-collector pauses, RSS at start and end (and its growth per hour, fitted over the run
 after warm-up), and the recording's integrity (it opens, and holds what was published).
 """
 
@@ -436,6 +436,7 @@ def _figures(soak: _Soak, node: Node, subscribers: list[dict[str, Any]], start_n
                          for t, n in sorted(expected.items())},
         },
         "engines": engines,
+        "gc_pauses": health["gc_pauses"],
     }
 
 

@@ -31,6 +31,7 @@ from fusion_node.calibration import Calibration, load_calibration
 from fusion_node.clock import Clock, MonotonicClock
 from fusion_node.config import EngineConfig, NodeConfig
 from fusion_node.errors import CalibrationError, ConfigError, EndOfStream, FusionError
+from fusion_node.gc_pauses import GcPauses
 from fusion_node.protocol import AudioChunk, Health, Message, Prediction
 from fusion_node.remote_clock import ClockTracker
 from fusion_node.scheduling import (
@@ -198,6 +199,7 @@ class Node:
             self._corrections_ns = self.calibration.corrections_ns()
         self.clock_trackers: dict[str, ClockTracker] = {}
         self.unmapped: Counter[str] = Counter()  # remote samples dropped: no mapping yet
+        self.gc_pauses = GcPauses()
         self.audio_continuity = AudioContinuity()
         self.curve: CurveServer | None = None  # with keys: authenticator, refusal counts
 
@@ -367,6 +369,7 @@ class Node:
                 # them keeps the collector's full passes, which hold the GIL, short.
                 gc.collect()
                 gc.freeze()
+                self.gc_pauses.install()
                 for runner in self.runners:
                     self._start_thread(f"engine {runner.name}", runner.run_blocking)
                 background.append(tasks.create_task(self._publish_health(), name="health"))
@@ -385,6 +388,7 @@ class Node:
                 await asyncio.gather(*supervisors)
         finally:
             self._stop_threads()
+            self.gc_pauses.remove()
             for tracker in self.clock_trackers.values():
                 tracker.close()
             await self._stop_driver_processes()
@@ -473,6 +477,7 @@ class Node:
             "drivers": drivers,
             "security": self.curve.summary() if self.curve is not None else {"curve": False},
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "gc_pauses": self.gc_pauses.summary(),
             **({"recorder": self.recorder.stats()} if self.recorder is not None else {}),
         }
 

@@ -402,7 +402,9 @@ def decode(parts: Sequence[Buffer], t_receive_ns: int = 0,
     if kind == "prediction":
         return _decode_prediction(header, stream, seq, payload, t_receive_ns)
 
-    if len(payload) != 1:
+    # Only a header with its payload inline can match a layout the fast path remembers.
+    inline = len(payload) == 1
+    if not inline:
         if not payload and "shm" in header:
             if shm is None:
                 raise ProtocolError("shm_unsupported", f"{_where(kind, stream)} is in shared "
@@ -421,8 +423,9 @@ def decode(parts: Sequence[Buffer], t_receive_ns: int = 0,
         if dtype_name != "uint8" or array.ndim != 3 or array.shape[2] != channels:
             raise ProtocolError("bad_shape", f"{_where(kind, stream)} is {dtype_name} "
                                 f"{list(array.shape)}, {encoding} needs uint8 [H, W, {channels}]")
-        _remember(raw_header, _layout(kind, stream, dtype_name, array.shape, encoding), seq,
-                  t_capture_ns)
+        if inline:
+            _remember(raw_header, _layout(kind, stream, dtype_name, array.shape, encoding), seq,
+                      t_capture_ns)
         return Frame(stream, seq, t_capture_ns, array, str(encoding), t_receive_ns)
     if kind == "audio":
         if dtype_name not in ("int16", "float32") or array.ndim != 2:
@@ -430,8 +433,9 @@ def decode(parts: Sequence[Buffer], t_receive_ns: int = 0,
                                 f"{list(array.shape)}, needs int16 or float32 [n, channels]")
         sample_rate = _int_field(header, "sample_rate", 1)
         sample_index = _int_field(header, "sample_index", 0)
-        _remember(raw_header, _layout(kind, stream, dtype_name, array.shape, sample_rate), seq,
-                  t_capture_ns, sample_index)
+        if inline:
+            _remember(raw_header, _layout(kind, stream, dtype_name, array.shape, sample_rate), seq,
+                      t_capture_ns, sample_index)
         return AudioChunk(stream, seq, t_capture_ns, sample_rate, sample_index, array,
                           t_receive_ns)
     # joints
@@ -443,8 +447,9 @@ def decode(parts: Sequence[Buffer], t_receive_ns: int = 0,
         raise ProtocolError("bad_shape", f"{_where(kind, stream)} is {dtype_name} "
                             f"{list(array.shape)}, needs float64 [3, {len(names)}] for "
                             f"{len(names)} names")
-    _remember(raw_header, _layout(kind, stream, dtype_name, array.shape, tuple(names)), seq,
-              t_capture_ns)
+    if inline:
+        _remember(raw_header, _layout(kind, stream, dtype_name, array.shape, tuple(names)), seq,
+                  t_capture_ns)
     return JointState(stream, seq, t_capture_ns, tuple(names), array[0], array[1], array[2],
                       t_receive_ns)
 

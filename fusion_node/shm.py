@@ -236,7 +236,7 @@ class ShmWriter:
             payload = memoryview(payload).cast("B")
         if payload.nbytes < self.config.threshold_bytes:
             return parts
-        header = parts[1]
+        header = bytes(parts[1])
         if not _single_array_kind(header):
             return parts
         ring = self._ring(bytes(parts[0]), payload.nbytes)
@@ -324,20 +324,20 @@ def _built_on(payload: memoryview, array: np.ndarray) -> bool:
     return False
 
 
-def _single_array_kind(header: Any) -> bool:
+def _single_array_kind(header: bytes) -> bool:
     # The fixed layout headers encode() writes put "kind" early; a substring test is enough
     # to choose the path (the receiver validates everything anyway).
-    raw = bytes(header)
-    return (b"\xa4kind\xa5frame" in raw or b"\xa4kind\xa5audio" in raw
-            or b"\xa4kind\xa6joints" in raw)
+    return (b"\xa4kind\xa5frame" in header or b"\xa4kind\xa5audio" in header
+            or b"\xa4kind\xa6joints" in header)
 
 
-def _with_shm(header: Any, shm: dict[str, Any]) -> bytes:
-    """The msgpack map `header` with one more key, `shm`."""
-    raw = bytes(header)
-    extra = msgpack.packb("shm") + msgpack.packb(shm)
+_SHM_KEY = msgpack.packb("shm")
+
+
+def _with_shm(raw: bytes, shm: dict[str, Any]) -> bytes:
+    """The msgpack map `raw` with one more key, `shm`."""
     if 0x80 <= raw[0] < 0x8F:  # fixmap with room for one more key: bump the count
-        return bytes((raw[0] + 1,)) + raw[1:] + extra
+        return bytes((raw[0] + 1,)) + raw[1:] + _SHM_KEY + msgpack.packb(shm)
     decoded = msgpack.unpackb(raw, raw=False)
     decoded["shm"] = shm
     return msgpack.packb(decoded, use_bin_type=True)
@@ -417,14 +417,18 @@ class ShmReader:
         if type(shm) is not dict:
             raise ProtocolError("bad_shm", f"{where} shm {shm!r} is not a map")
         name = shm.get("segment")
-        values = [shm.get(k) for k in ("slot", "generation", "offset", "length")]
-        if type(name) is not str or _NAME.match(name) is None or not all(
-                type(v) is int and 0 <= v < 2**63 for v in values):
+        slot, generation = shm.get("slot"), shm.get("generation")
+        offset, length = shm.get("offset"), shm.get("length")
+        # Spelled out, not looped: this runs once per frame in a freshly woken thread. Only
+        # a new segment's name needs the pattern test: mapped names have passed it.
+        mapped = self._mapped.get(name) if type(name) is str else None
+        if not (type(slot) is int and type(generation) is int and type(offset) is int
+                and type(length) is int and 0 <= slot < 2**63 and 0 <= generation < 2**63
+                and 0 <= offset < 2**63 and 0 <= length < 2**63) or (
+                mapped is None and (type(name) is not str or _NAME.match(name) is None)):
             raise ProtocolError("bad_shm", f"{where} shm {shm!r} needs a fusion-node segment "
                                 "name and non-negative int slot, generation, offset, length")
-        slot, generation, offset, length = values
-        assert slot is not None and generation is not None and offset is not None
-        mapped = self._mapped.get(name)
+        assert type(name) is str
         if mapped is None:
             # A new segment often means a publisher restarted and reclaimed its old one:
             # unmap segments that are gone, or a restarting camera pins a dead ring each time.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 
 from engines import arm
 from engines.preprocess import image_tensor
+from engines.stats import wilson
 from engines.vocabulary import COMMANDS
 from fusion_node.client import ActionFollower
 from fusion_node.errors import ConfigError
@@ -37,7 +37,6 @@ __all__ = [
     "command_feed",
     "evaluate_true_commands",
     "run_episode",
-    "wilson_interval",
 ]
 
 STEP_NS = int(arm.STEP_S * 1e9)
@@ -169,19 +168,8 @@ def run_episode(engine: Policy, layout_seed: int, command_at: Callable[[int], in
     )
 
 
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval (95% for z = 1.96) of a success rate."""
-    if trials <= 0:
-        raise ConfigError(f"wilson interval: trials must be > 0, got {trials}")
-    p = successes / trials
-    denominator = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denominator
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def _rate(successes: int, trials: int) -> dict[str, Any]:
-    low, high = wilson_interval(successes, trials)
+    low, high = wilson(successes, trials)
     return {"rate": successes / trials, "ci95": [low, high], "n": trials}
 
 

@@ -12,8 +12,8 @@ from engines.eval_action import (
     command_feed,
     evaluate_true_commands,
     run_episode,
-    wilson_interval,
 )
+from engines.stats import wilson
 from engines.vocabulary import COMMANDS
 from fusion_node.errors import ConfigError
 from fusion_node.node import model_path
@@ -136,10 +136,10 @@ def test_command_feed() -> None:
 
 
 def test_wilson_interval() -> None:
-    low, high = wilson_interval(5, 10)
+    low, high = wilson(5, 10)
     assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
-    assert wilson_interval(0, 10)[0] == 0.0
-    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson(0, 10)[0] == 0.0
+    assert wilson(10, 10)[1] == pytest.approx(1.0)
 
 
 def _always(command: int | None) -> Callable[[int], int | None]:

@@ -74,6 +74,27 @@ ACTION_OUTPUTS: dict[str, tuple[int, ...]] = {
 _MASKED = -1.0e4
 
 
+class _MouthStem(nn.Module):
+    """One mouth crop (48x48) -> one D_MODEL vector: 4x4 pixel patches -> 32 features, 2x2
+    groups of those -> 64, the 6x6 grid -> D_MODEL, ReLU between. The same arithmetic as
+    non-overlapping convolutions, as matrix products: CPU convolutions with so few channels
+    cost three quarters of every training step, and the drawn mouth's shape is coarse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Linear(4 * 4, 32)
+        self.group = nn.Linear(2 * 2 * 32, 64)
+        self.out = nn.Linear(6 * 6 * 64, D_MODEL)
+
+    def forward(self, frames: Tensor) -> Tensor:  # [N, 48, 48] -> [N, D_MODEL]
+        n = frames.shape[0]
+        x = frames.reshape(n, 12, 4, 12, 4).permute(0, 1, 3, 2, 4).reshape(n, 12, 12, 16)
+        x = torch.relu(self.patch(x))
+        x = x.reshape(n, 6, 2, 6, 2, 32).permute(0, 1, 3, 2, 4, 5).reshape(n, 6, 6, 128)
+        x = torch.relu(self.group(x))
+        return self.out(x.reshape(n, 6 * 6 * 64))
+
+
 class SpeechModel(nn.Module):
     """Multimodal transformer: log-mel audio tokens + mouth-crop video tokens + a CLS token.
 
@@ -86,21 +107,15 @@ class SpeechModel(nn.Module):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            # Four mel frames (40 ms) per audio token, aligned with one video frame.
-            self.audio_stem = nn.Conv1d(
-                N_MELS, D_MODEL, AUDIO_FRAMES_PER_TOKEN, stride=AUDIO_FRAMES_PER_TOKEN
+            # A local spectro-temporal layer (30 ms context per mel frame) before four mel
+            # frames (40 ms) become one audio token, aligned with one video frame: a linear
+            # patch alone left clean audio-only commands at 64% on unseen voices.
+            self.audio_stem = nn.Sequential(
+                nn.Conv1d(N_MELS, D_MODEL, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv1d(D_MODEL, D_MODEL, AUDIO_FRAMES_PER_TOKEN, stride=AUDIO_FRAMES_PER_TOKEN),
             )
-            # Per frame: 48x48 -> 24 -> 12 -> 6 -> one D_MODEL vector. ReLU, not GELU: it
-            # fuses into the convolutions and GELU here cost about 1 ms per call on one core.
-            self.video_stem = nn.Sequential(
-                nn.Conv2d(1, 16, 3, stride=2, padding=1),
-                nn.ReLU(),
-                nn.Conv2d(16, 32, 3, stride=2, padding=1),
-                nn.ReLU(),
-                nn.Conv2d(32, 64, 3, stride=2, padding=1),
-                nn.ReLU(),
-                nn.Conv2d(64, D_MODEL, 6),
-            )
+            self.video_stem = _MouthStem()
             self.cls = nn.Parameter(_init(1, 1, D_MODEL))
             self.audio_embed = nn.Parameter(_init(1, VIDEO_FRAMES, D_MODEL))  # modality + time
             self.video_embed = nn.Parameter(_init(1, VIDEO_FRAMES, D_MODEL))
@@ -118,7 +133,7 @@ class SpeechModel(nn.Module):
         # An audio token is valid only if all its mel frames are.
         audio_tok_valid = audio_valid.reshape(batch, VIDEO_FRAMES, -1).amin(dim=-1)
 
-        frames = video.reshape(batch * VIDEO_FRAMES, 1, MOUTH_SIZE, MOUTH_SIZE)
+        frames = video.reshape(batch * VIDEO_FRAMES, MOUTH_SIZE, MOUTH_SIZE)
         vid = self.video_stem(frames).reshape(batch, VIDEO_FRAMES, D_MODEL)
 
         # Invalid tokens keep their embeddings (so they still ask "what happens at time t?")

@@ -12,6 +12,7 @@ Deterministic from --seed: the data of step k depends only on the seed and k.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import multiprocessing
@@ -57,36 +58,38 @@ def curriculum(batch_index: int, ramp_batches: int, rng: np.random.Generator
     return {"clean": False, "snr_db": float(rng.uniform(20 - 32 * progress, 20))}
 
 
-def _produce(seed: int, first_clip: int, clips: int, split: str, ramp_batches: int,
+def _produce(seed: int, clips: int, split: str, ramp_batches: int, worker: int, workers: int,
              queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    """Worker: batches of windows from clips first_clip, first_clip + 1, ... forever."""
+    """Worker: batches worker, worker + workers, ... forever; batch b holds clips
+    b * clips ... (b + 1) * clips - 1, so the data does not depend on the worker count."""
     torch.set_num_threads(1)
     generator = Generator(split)
-    clip = first_clip
-    batch_index = 0
-    while True:
+    for batch_index in itertools.count(worker, workers):
         windows: list[Window] = []
-        while len(windows) < clips * PER_CLIP:
+        for clip in range(batch_index * clips, (batch_index + 1) * clips):
             clip_seed = seed * 10_000_000 + clip
             noise = curriculum(batch_index, ramp_batches, np.random.default_rng([clip_seed, 3]))
             windows += generator.training_windows(clip_seed, PER_CLIP, **noise)
-            clip += 1
         queue.put(window_arrays(generator, windows))
-        batch_index += 1
 
 
-def batches(seed: int, batch: int, ramp_batches: int) -> Iterator[dict[str, np.ndarray]]:
-    """Training batches from a worker process, in a fixed order."""
+def batches(seed: int, batch: int, ramp_batches: int, workers: int
+            ) -> Iterator[dict[str, np.ndarray]]:
+    """Training batches from `workers` processes, in a fixed order. Rendering the mouth video
+    costs about twice the training step, so one worker would leave the model waiting."""
     context = multiprocessing.get_context("spawn")
-    queue = context.Queue(maxsize=8)
-    worker = context.Process(target=_produce, args=(seed, 0, batch // PER_CLIP, "train",
-                                                    ramp_batches, queue), daemon=True)
-    worker.start()
+    queues = [context.Queue(maxsize=4) for _ in range(workers)]
+    processes = [context.Process(target=_produce, args=(seed, batch // PER_CLIP, "train",
+                                                        ramp_batches, w, workers, queues[w]),
+                                 daemon=True) for w in range(workers)]
+    for process in processes:
+        process.start()
     try:
-        while True:
-            yield queue.get(timeout=600)
+        for batch_index in itertools.count():
+            yield queues[batch_index % workers].get(timeout=600)
     finally:
-        worker.terminate()
+        for process in processes:
+            process.terminate()
 
 
 def validation_set(windows_count: int, seed: int = 12345) -> dict[str, np.ndarray]:
@@ -179,7 +182,7 @@ def _chunked(model: models.SpeechModel, feeds: dict[str, torch.Tensor],
 
 
 def train(out: Path, steps: int, seed: int, lr: float, validation_windows: int,
-          eval_every: int) -> dict[str, float]:
+          eval_every: int, workers: int = 2) -> dict[str, float]:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     model = models.SpeechModel(seed)
@@ -201,7 +204,7 @@ def train(out: Path, steps: int, seed: int, lr: float, validation_windows: int,
     started = time.monotonic()
     running: dict[str, float] = {}
     first_loss = None
-    data = batches(seed, BATCH, ramp_batches=steps // 3)
+    data = batches(seed, BATCH, ramp_batches=steps // 3, workers=workers)
     for step in range(steps):
         arrays = next(data)
         tensors = _tensors(arrays)
@@ -263,17 +266,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engines.train_speech",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--validation-windows", type=int, default=1000)
     parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="data processes (the data does not depend on their number)")
     parser.add_argument("--tiny", action="store_true",
                         help="a smoke run: 40 steps, a small validation set")
     args = parser.parse_args(argv)
     if args.tiny:
         args.steps, args.validation_windows, args.eval_every = 40, 64, 20
-    train(args.out, args.steps, args.seed, args.lr, args.validation_windows, args.eval_every)
+    train(args.out, args.steps, args.seed, args.lr, args.validation_windows, args.eval_every,
+          args.workers)
 
 
 if __name__ == "__main__":

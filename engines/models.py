@@ -128,7 +128,9 @@ class SpeechModel(nn.Module):
     ) -> dict[str, Tensor]:
         batch = audio_mel.shape[0]
         # log(mel + 1e-6) spans about -14 (silence) to +6: bring it near unit scale.
-        audio_mel = audio_mel * 0.25 + 1.5
+        # Missing frames are zeroed before the stem: its 3-frame convolution would otherwise
+        # carry a gap's content into the valid token beside it.
+        audio_mel = (audio_mel * 0.25 + 1.5) * audio_valid.unsqueeze(-1)
         audio = self.audio_stem(audio_mel.transpose(1, 2)).transpose(1, 2)  # [B, 16, D]
         # An audio token is valid only if all its mel frames are.
         audio_tok_valid = audio_valid.reshape(batch, VIDEO_FRAMES, -1).amin(dim=-1)

@@ -42,4 +42,4 @@ class GcPauses:
         """Per generation: collections, longest pause (ms), total pause (ms)."""
         return {f"gen{g}": {"collections": self.collections[g],
                             "max_ms": round(self.max_ns[g] / 1e6, 3),
-                            "total_ms": round(self.total_ns[g] / 1e6, 1)} for g in range(3)}
+                            "total_ms": round(self.total_ns[g] / 1e6, 3)} for g in range(3)}

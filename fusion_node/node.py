@@ -410,6 +410,11 @@ class Node:
         """Stop ticking, publish what is due, stop receiving; idempotent."""
         for runner in self.runners:
             runner.stop()
+        # Runners finish their tick before the publisher stops: a prediction scheduled while
+        # it drains would otherwise be counted as published and never sent.
+        for thread in self._threads:
+            if thread.name.startswith("engine "):
+                thread.join(_THREAD_JOIN_TIMEOUT_S)
         if self.publisher is not None:
             self.publisher.stop()
         self._receiving.clear()

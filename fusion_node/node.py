@@ -185,6 +185,7 @@ class Node:
         self.driver_errors: dict[str, str] = {}
         self._receiving = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._engine_threads: list[threading.Thread] = []
         self._started_ns = 0
         self._last_health: tuple[int, dict[str, int]] = (0, {})
         self._health_seq = 0
@@ -277,10 +278,11 @@ class Node:
             self.clock_trackers[stream.name] = tracker
             self._start_thread(f"clock {stream.name}", tracker.run_blocking, self._receiving)
 
-    def _start_thread(self, name: str, target: Any, *args: Any) -> None:
+    def _start_thread(self, name: str, target: Any, *args: Any) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+        return thread
 
     def _start_recorder(self) -> None:
         """Record to the launch file's [record] log (see fusion_node.recording), from before
@@ -371,7 +373,8 @@ class Node:
                 gc.freeze()
                 self.gc_pauses.install()
                 for runner in self.runners:
-                    self._start_thread(f"engine {runner.name}", runner.run_blocking)
+                    self._engine_threads.append(
+                        self._start_thread(f"engine {runner.name}", runner.run_blocking))
                 background.append(tasks.create_task(self._publish_health(), name="health"))
                 if self._systemd.watchdog_period_s is not None:
                     background.append(tasks.create_task(self._keep_watchdog(),
@@ -412,9 +415,8 @@ class Node:
             runner.stop()
         # Runners finish their tick before the publisher stops: a prediction scheduled while
         # it drains would otherwise be counted as published and never sent.
-        for thread in self._threads:
-            if thread.name.startswith("engine "):
-                thread.join(_THREAD_JOIN_TIMEOUT_S)
+        for thread in self._engine_threads:
+            thread.join(_THREAD_JOIN_TIMEOUT_S)
         if self.publisher is not None:
             self.publisher.stop()
         self._receiving.clear()

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import struct
+import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -42,7 +43,8 @@ from typing import Any, Self
 import numpy as np
 import zmq
 from mcap.reader import make_reader
-from mcap.records import Channel, Schema
+from mcap.data_stream import RecordBuilder
+from mcap.records import Channel, ChunkIndex, Schema
 from mcap.writer import CompressionType, Writer
 
 from fusion_node import __version__
@@ -216,6 +218,46 @@ class _FileSink:
         os.close(self._fd)
 
 
+class _RawRecord:
+    """An MCAP record already serialised; `write` is what the mcap writer calls on records."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def write(self, builder: RecordBuilder) -> None:
+        builder.write(self.data)
+
+
+class _SpilledChunkIndexes:
+    """The mcap writer's list of chunk indexes, kept in an unlinked file beside the log.
+
+    The writer holds one index per chunk until `finish` writes them into the summary: about
+    1 KB each, a dozen chunks a second with a camera, so in memory they grew a recording
+    node by about 50 MB an hour. Here they cost disk instead; the writer only appends to this
+    list and iterates over it once, at `finish`."""
+
+    def __init__(self, directory: str) -> None:
+        self._file = tempfile.TemporaryFile(dir=directory)
+
+    def append(self, index: ChunkIndex) -> None:
+        builder = RecordBuilder()
+        index.write(builder)
+        self._file.write(builder.end())
+
+    def __iter__(self) -> Iterator[_RawRecord]:
+        self._file.flush()
+        self._file.seek(0)
+        while header := self._file.read(9):
+            _opcode, length = struct.unpack("<BQ", header)
+            yield _RawRecord(header + self._file.read(length))
+        self._file.seek(0, os.SEEK_END)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class LogWriter:
     """Writes protocol messages to an MCAP log, one call at a time (not thread-safe)."""
 
@@ -235,6 +277,13 @@ class LogWriter:
             raise ReplayError(f"cannot write log {path!r}: {exc.strerror}") from None
         self._writer = Writer(self._sink, chunk_size=chunk_size,  # type: ignore[arg-type]
                               compression=COMPRESSIONS[compression])
+        # The writer's private list (mcap 1.6, pinned in pyproject.toml): it has no option
+        # to keep its chunk indexes anywhere but in memory.
+        if not isinstance(getattr(self._writer, "_Writer__chunk_indices", None), list):
+            raise RuntimeError("this mcap version keeps its chunk indexes elsewhere; "
+                               "fusion-node needs mcap 1.6")
+        self._chunk_indexes = _SpilledChunkIndexes(os.path.dirname(os.path.abspath(path)))
+        self._writer._Writer__chunk_indices = self._chunk_indexes  # type: ignore[attr-defined]
         self._writer.start(library=f"fusion-node {__version__}")
         self._writer.add_metadata(RECORDING_METADATA, {
             "protocol_version": str(PROTOCOL_VERSION), "fusion_node_version": __version__,
@@ -330,10 +379,12 @@ class LogWriter:
             self._sink.sync()
         finally:
             self._sink.close()
+            self._chunk_indexes.close()
 
     def abort(self) -> None:
         """Close the file as it is (after a write error): `log recover` can still read it."""
         self._sink.close()
+        self._chunk_indexes.close()
 
 
 def _image_preview(frame: Frame) -> tuple[dict[str, Any], bytes]:

@@ -127,6 +127,30 @@ def test_log_round_trip_with_foxglove_previews(tmp_path):
     assert stereo.shape == (960,) and np.abs(stereo).max() <= 32767
 
 
+def test_chunk_indexes_live_on_disk_and_index_the_finished_log(tmp_path):
+    path = str(tmp_path / "log.mcap")
+    writer = LogWriter(path, chunk_size=4096, preview_hz=0)
+    image = np.random.default_rng(2).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    for seq in range(300):  # each 9 KB frame closes a chunk
+        writer.write(Frame("camera.front", seq, T0 + seq * 1000, image, "rgb8"), T0 + seq)
+        writer.write(joints(seq, T0 + seq * 1000), T0 + seq)
+    assert not isinstance(writer._writer._Writer__chunk_indices, list)
+    writer.close()
+    assert sorted(os.listdir(tmp_path)) == ["log.mcap"]  # the spill file is gone
+
+    with open(path, "rb") as file:
+        reader = make_reader(file)
+        summary = reader.get_summary()
+        assert summary.statistics.chunk_count >= 300
+        assert len(summary.chunk_indexes) == summary.statistics.chunk_count
+        assert [i.chunk_start_offset for i in summary.chunk_indexes] == \
+            sorted({i.chunk_start_offset for i in summary.chunk_indexes})
+        # The index is what a seeking reader uses for a time range.
+        window = list(reader.iter_messages(topics=["camera.front"], starting_at=T0 + 100,
+                                           ending_before=T0 + 110))
+    assert [m.sequence for _, _, m in window] == list(range(100, 110))
+
+
 def test_recorder_drops_and_counts_when_its_queue_is_full(tmp_path):
     path = str(tmp_path / "full.mcap")
     recorder = Recorder(path, ReplayClock(T0), max_queue_messages=3)

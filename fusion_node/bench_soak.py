@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ _FLOOD_S = 4.0
 _FLOOD_RATE_HZ = 2000.0  # 10x the simulated arm's 200 Hz
 _RAISE_TICKS = 15  # half a second of the speech engine's 30 Hz
 _HANG_EXTRA_S = 0.5  # the action engine hangs this long past its inference timeout
+FAULTS = ("camera", "stall", "overrun", "flood", "raise", "hang")
 _RECOVERY_S = 1.0  # a fault's window extends this long after it ends
 _WALL_JUMP_PERIOD_NS = 7 * _NS_PER_S
 _SUBSCRIBER_GRACE_S = 2.0
@@ -90,6 +92,30 @@ class FaultLog:
                                                   1)}
 
 
+class LongGcPauses:
+    """Collector pauses of at least `min_ms`, on the node's clock, to set beside late
+    predictions (the first `limit` of them)."""
+
+    def __init__(self, clock: MonotonicClock, min_ms: float = 5.0, limit: int = 10_000) -> None:
+        self.clock = clock
+        self.min_ns = round(min_ms * 1e6)
+        self.limit = limit
+        self.pauses: list[tuple[int, int, int]] = []  # (start, end, generation)
+        self._started_ns = 0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        now_ns = self.clock.now_ns()
+        if phase == "start":
+            self._started_ns = now_ns
+        elif now_ns - self._started_ns >= self.min_ns and len(self.pauses) < self.limit:
+            self.pauses.append((self._started_ns, now_ns, info["generation"]))
+
+    def overlapping_ms(self, start_ns: int, end_ns: int) -> float:
+        """Total pause within [start_ns, end_ns]."""
+        return sum(max(0, min(end, end_ns) - max(start, start_ns))
+                   for start, end, _ in self.pauses) / 1e6
+
+
 def _summary_ms(values_ns: list[int] | np.ndarray) -> dict[str, float]:
     values = np.asarray(values_ns, np.float64) / 1e6
     if not len(values):
@@ -99,9 +125,19 @@ def _summary_ms(values_ns: list[int] | np.ndarray) -> dict[str, float]:
             "p99_ms": round(float(p99), 4), "max_ms": round(float(values.max()), 4)}
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+_RSS_KINDS = ("RssAnon", "RssFile", "RssShmem")
+
+
+def _rss_bytes() -> tuple[int, ...]:
+    """This process's resident memory: total, then anonymous, file-backed, shared memory."""
+    kb: dict[str, int] = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in _RSS_KINDS:
+                kb[key] = int(value.split()[0])
+    parts = [kb.get(k, 0) * 1024 for k in _RSS_KINDS]
+    return (sum(parts), *parts)
 
 
 # -- subscribers (run as their own processes) ------------------------------------------------
@@ -157,12 +193,13 @@ def subscribe(endpoint: str, duration_s: float, via: str) -> dict[str, Any]:
 # -- the run ----------------------------------------------------------------------------------
 
 class _Soak:
-    def __init__(self, minutes: float, tmp: Path) -> None:
+    def __init__(self, minutes: float, tmp: Path, faults: tuple[str, ...]) -> None:
         self.duration_s = minutes * 60.0
+        self.fault_kinds = faults
         self.tmp = tmp
         self.clock = MonotonicClock()
         self.faults = FaultLog()
-        self.rss: list[tuple[int, int]] = []
+        self.rss: list[tuple[int, ...]] = []  # (t_ns, total, anon, file, shmem)
         self.processes: list[subprocess.Popen[str]] = []
         self.flood_sent = 0
         mic_endpoint = f"ipc://{tmp}/mic.ipc"
@@ -177,7 +214,7 @@ class _Soak:
             connect=(mic_endpoint, self.flood_endpoint),
             record=RecordConfig(path=str(tmp / "soak.mcap")))
         overruns = ",".join(f"{_WARM_UP_S + k * _CYCLE_S + _OVERRUN_AT_S}:{_OVERRUN_LOST_MS}"
-                            for k in range(self._cycles()))
+                            for k in range(self._cycles())) if "overrun" in faults else ""
         self.microphone = self._start("microphone", "--stream", "audio.mic0", "--endpoint",
                                       mic_endpoint, "--overruns", overruns)
 
@@ -222,7 +259,7 @@ class _Soak:
 
     async def _sample_rss(self) -> None:
         while True:
-            self.rss.append((self.clock.now_ns(), _rss_bytes()))
+            self.rss.append((self.clock.now_ns(), *_rss_bytes()))
             await asyncio.sleep(1.0)
 
     async def _at(self, t_ns: int) -> None:
@@ -246,6 +283,8 @@ class _Soak:
                      (_FLOOD_AT_S, self._flood), (_RAISE_AT_S, self._raise),
                      (_HANG_AT_S, self._hang)]
             for at_s, step in steps:
+                if step.__name__.lstrip("_") not in self.fault_kinds:
+                    continue
                 t_ns = cycle_ns + round(at_s * _NS_PER_S)
                 if t_ns + 6 * _NS_PER_S > end_ns:  # no time left to see it through
                     break
@@ -316,14 +355,17 @@ class _Soak:
         return microphone
 
 
-def _read_log(path: str, faults: FaultLog) -> dict[str, Any]:
-    """Open the recording as a replay would and read every message back."""
+def _read_log(path: str, faults: FaultLog, start_ns: int, pauses: LongGcPauses
+              ) -> dict[str, Any]:
+    """Open the recording as a replay would and read every message back; list the late
+    predictions outside faults with the collector pauses between t_ref and publication."""
     from fusion_node.errors import ReplayError
     from fusion_node.recording import LogReader
 
     counts: dict[str, int] = {}
     jitter: dict[str, list[int]] = {"all": [], "outside_faults": []}
     late = {"during_faults": 0, "outside_faults": 0}
+    late_outside: list[dict[str, Any]] = []
     try:
         with LogReader(path) as log:
             for message in log.messages():
@@ -338,16 +380,32 @@ def _read_log(path: str, faults: FaultLog) -> dict[str, Any]:
                     jitter["outside_faults"].append(offset)
                 if prediction.late:
                     late["during_faults" if during else "outside_faults"] += 1
+                    if not during and len(late_outside) < 100:
+                        late_outside.append({
+                            "topic": message.topic,
+                            "t_s": round((prediction.t_ref_ns - start_ns) / 1e9, 3),
+                            "late_ms": round(offset / 1e6, 2),
+                            # When each stage ended (ms after t_ref): which one was slow.
+                            "trace_ms": {k: round((v - prediction.t_ref_ns) / 1e6, 2)
+                                         for k, v in prediction.trace.items()},
+                            "gc_pause_ms": round(pauses.overlapping_ms(
+                                prediction.t_ref_ns, prediction.t_publish_ns), 2)})
     except ReplayError as exc:
         return {"readable": False, "error": str(exc), "messages_by_topic": counts}
     return {"readable": True, "messages_by_topic": counts, "late": late,
-            "jitter": {k: _summary_ms(v) for k, v in jitter.items()}}
+            "late_outside_faults": late_outside, "jitter": {k: _summary_ms(v) for k, v in jitter.items()}}
 
 
-def run_soak_bench(minutes: float = 30.0) -> dict[str, Any]:
-    """Run the soak for `minutes` and return its figures (see the module docstring)."""
+def run_soak_bench(minutes: float = 30.0, faults: tuple[str, ...] = FAULTS) -> dict[str, Any]:
+    """Run the soak for `minutes`, injecting `faults`, and return its figures (see the module
+    docstring)."""
     if not minutes > 0:
         raise ValueError(f"--minutes must be positive, got {minutes}")
+    unknown = sorted(set(faults) - set(FAULTS) - {""})
+    if unknown:
+        raise ValueError(f"--faults: unknown {', '.join(unknown)}; expected some of "
+                         f"{', '.join(FAULTS)}")
+    faults = tuple(f for f in faults if f)
     with tempfile.TemporaryDirectory(prefix="fusion-node-soak-") as tmp_name:
         tmp = Path(tmp_name)
         jumps = WallClockJumps(_WALL_JUMP_PERIOD_NS, (0.0, 3600.0, -3600.0))
@@ -355,10 +413,13 @@ def run_soak_bench(minutes: float = 30.0) -> dict[str, Any]:
         os.environ.update(wall_clock_jump_env(jumps, tmp / "site"))
         undo_jumps = install_wall_clock_jumps(jumps)
         started = time.monotonic()
-        soak = _Soak(minutes, tmp)
+        soak = _Soak(minutes, tmp, faults)
+        pauses = LongGcPauses(soak.clock)
+        gc.callbacks.append(pauses)
         try:
             node, subscribers, start_ns = asyncio.run(soak.run())
         finally:
+            gc.callbacks.remove(pauses)
             microphone = soak.stop_processes()
             undo_jumps()
             for key, value in saved_env.items():
@@ -369,7 +430,7 @@ def run_soak_bench(minutes: float = 30.0) -> dict[str, Any]:
         wall_s = time.monotonic() - started
         assert node.recorder is not None
         recorder = node.recorder.stats()
-        log = _read_log(str(tmp / "soak.mcap"), soak.faults)
+        log = _read_log(str(tmp / "soak.mcap"), soak.faults, start_ns, pauses)
         log_bytes = (tmp / "soak.mcap").stat().st_size
     return _figures(soak, node, subscribers, start_ns, microphone, recorder, log, log_bytes,
                     wall_s)
@@ -394,9 +455,9 @@ def _figures(soak: _Soak, node: Node, subscribers: list[dict[str, Any]], start_n
     # Rings, shared-memory slots and latency windows fill during the first minutes: the
     # baseline and the fit start after a tenth of the run (at least the warm-up).
     warm_ns = start_ns + round(max(_WARM_UP_S, soak.duration_s / 10) * _NS_PER_S)
-    rss = [(t, r) for t, r in soak.rss if t >= warm_ns] or soak.rss
-    times_h = np.array([t for t, _ in rss], np.float64) / 3.6e12
-    sizes_mb = np.array([r for _, r in rss], np.float64) / 2**20
+    rss = [sample for sample in soak.rss if sample[0] >= warm_ns] or soak.rss
+    times_h = np.array([sample[0] for sample in rss], np.float64) / 3.6e12
+    sizes_mb = np.array([sample[1] for sample in rss], np.float64) / 2**20
     slope = float(np.polyfit(times_h, sizes_mb, 1)[0]) if len(rss) > 2 else 0.0
     late_total = sum(e["deadline_misses"] for e in engines.values())
     return {
@@ -421,12 +482,17 @@ def _figures(soak: _Soak, node: Node, subscribers: list[dict[str, Any]], start_n
             "recorder": recorder["dropped"],
             "driver_restarts": {s: d.get("restarts", 0) for s, d in health["drivers"].items()},
         },
-        "deadline_misses": {"total": late_total, **log.get("late", {})},
+        "deadline_misses": {"total": late_total, **log.get("late", {}),
+                            "late_outside_faults": log.get("late_outside_faults", [])},
         "publish_jitter": log.get("jitter", {}),
         "subscribers": subscribers,
         "rss_mb": {"start": round(float(sizes_mb[0]), 1), "end": round(float(sizes_mb[-1]), 1),
                    "growth": round(float(sizes_mb[-1] - sizes_mb[0]), 1),
                    "growth_per_hour_fit": round(slope, 1),
+                   "by_kind_start_end": {
+                       kind.removeprefix("Rss").lower(): [round(rss[0][2 + i] / 2**20, 1),
+                                                           round(rss[-1][2 + i] / 2**20, 1)]
+                       for i, kind in enumerate(_RSS_KINDS)},
                    "max_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                                     1)},
         "recording": {

@@ -138,7 +138,7 @@ def _bench(args: argparse.Namespace) -> None:
     elif args.what == "soak":
         from fusion_node.bench_soak import run_soak_bench
 
-        result = run_soak_bench(minutes=args.minutes)
+        result = run_soak_bench(minutes=args.minutes, faults=tuple(args.faults.split(",")))
     else:
         from fusion_node.bench_pipeline import run_pipeline_bench
 
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="mutation seed (fuzz)")
     bench.add_argument("--minutes", type=float, default=30.0,
                        help="minutes of the default node under injected faults (soak)")
+    bench.add_argument("--faults", default="camera,stall,overrun,flood,raise,hang",
+                       help="comma-separated faults the soak injects (soak; to find which "
+                       "one a figure comes from)")
     bench.add_argument("--plot", metavar="DIR", help="also write PNG plots and the JSON "
                        "into DIR (transport, pipeline, engines; needs matplotlib)")
     from fusion_node.cli_engine import add_engine_parser

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import signal
@@ -362,7 +363,10 @@ class FaultyEngine:
             threading.Event().wait(hang_s)
         if error is not None:
             self.raised += 1
-            raise error
+            # A copy each time: raising the stored instance would hang this tick's frames
+            # (its window, frames in a shared-memory ring) on its traceback until the next
+            # fault, keeping a restarted camera's dead ring mapped.
+            raise copy.copy(error)
         return self._inner.infer(feeds)  # type: ignore[no-any-return]
 
 

@@ -366,6 +366,8 @@ def _read_log(path: str, faults: FaultLog, start_ns: int, pauses: LongGcPauses
     jitter: dict[str, list[int]] = {"all": [], "outside_faults": []}
     late = {"during_faults": 0, "outside_faults": 0}
     late_outside: list[dict[str, Any]] = []
+    # Outside faults, per prediction topic: how long the window and feeds took, and inference.
+    stages: dict[str, dict[str, list[int]]] = {}
     try:
         with LogReader(path) as log:
             for message in log.messages():
@@ -378,6 +380,13 @@ def _read_log(path: str, faults: FaultLog, start_ns: int, pauses: LongGcPauses
                 jitter["all"].append(offset)
                 if not during:
                     jitter["outside_faults"].append(offset)
+                    trace = prediction.trace
+                    topic_stages = stages.setdefault(message.topic, {"window_and_feeds": [],
+                                                                     "infer": []})
+                    topic_stages["window_and_feeds"].append(
+                        trace["t_infer_start_ns"] - trace["t_window_start_ns"])
+                    topic_stages["infer"].append(trace["t_infer_end_ns"]
+                                                 - trace["t_infer_start_ns"])
                 if prediction.late:
                     late["during_faults" if during else "outside_faults"] += 1
                     if not during and len(late_outside) < 100:
@@ -393,7 +402,10 @@ def _read_log(path: str, faults: FaultLog, start_ns: int, pauses: LongGcPauses
     except ReplayError as exc:
         return {"readable": False, "error": str(exc), "messages_by_topic": counts}
     return {"readable": True, "messages_by_topic": counts, "late": late,
-            "late_outside_faults": late_outside, "jitter": {k: _summary_ms(v) for k, v in jitter.items()}}
+            "late_outside_faults": late_outside,
+            "stages_outside_faults": {topic: {k: _summary_ms(v) for k, v in by_stage.items()}
+                                      for topic, by_stage in stages.items()},
+            "jitter": {k: _summary_ms(v) for k, v in jitter.items()}}
 
 
 def run_soak_bench(minutes: float = 30.0, faults: tuple[str, ...] = FAULTS) -> dict[str, Any]:
@@ -485,6 +497,7 @@ def _figures(soak: _Soak, node: Node, subscribers: list[dict[str, Any]], start_n
         "deadline_misses": {"total": late_total, **log.get("late", {}),
                             "late_outside_faults": log.get("late_outside_faults", [])},
         "publish_jitter": log.get("jitter", {}),
+        "engine_stages": log.get("stages_outside_faults", {}),
         "subscribers": subscribers,
         "rss_mb": {"start": round(float(sizes_mb[0]), 1), "end": round(float(sizes_mb[-1]), 1),
                    "growth": round(float(sizes_mb[-1] - sizes_mb[0]), 1),

@@ -39,6 +39,7 @@ from fusion_node.scheduling import (
     DeadlinePublisher,
     EngineRunner,
     PredictionSink,
+    raise_thread_niceness,
     realtime_context,
 )
 from fusion_node.security import CurveServer, load_key_pair, private_directory
@@ -185,6 +186,7 @@ class Node:
         self.driver_errors: dict[str, str] = {}
         self._receiving = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.thread_priorities: dict[str, str] = {}  # non-real-time threads: what they got
         self._engine_threads: list[threading.Thread] = []
         self._started_ns = 0
         self._last_health: tuple[int, dict[str, int]] = (0, {})
@@ -278,8 +280,17 @@ class Node:
             self.clock_trackers[stream.name] = tracker
             self._start_thread(f"clock {stream.name}", tracker.run_blocking, self._receiving)
 
-    def _start_thread(self, name: str, target: Any, *args: Any) -> threading.Thread:
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    def _start_thread(self, name: str, target: Any, *args: Any,
+                      realtime: bool = False) -> threading.Thread:
+        """A node thread. `realtime` ones (publisher, engines) ask for real-time priority
+        themselves; the others run at a lower nice value where allowed."""
+
+        def run_niced() -> None:
+            self.thread_priorities[name] = raise_thread_niceness()
+            target(*args)
+
+        thread = threading.Thread(target=target if realtime else run_niced,
+                                  args=args if realtime else (), name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
         return thread
@@ -362,7 +373,7 @@ class Node:
                     tasks.create_task(self._run_in_process_driver(d.kind, d.stream, d.config),
                                       name=f"driver {d.stream}")
                     for d in self.config.drivers if not d.process]
-                self._start_thread("publisher", publisher.run_blocking)
+                self._start_thread("publisher", publisher.run_blocking, realtime=True)
                 await self._wait_for_streams()
                 # The first health report pays one-off costs (numpy's first percentile took
                 # 40 ms holding the GIL); pay them before the engines' first deadline.
@@ -374,7 +385,8 @@ class Node:
                 self.gc_pauses.install()
                 for runner in self.runners:
                     self._engine_threads.append(
-                        self._start_thread(f"engine {runner.name}", runner.run_blocking))
+                        self._start_thread(f"engine {runner.name}", runner.run_blocking,
+                                           realtime=True))
                 background.append(tasks.create_task(self._publish_health(), name="health"))
                 if self._systemd.watchdog_period_s is not None:
                     background.append(tasks.create_task(self._keep_watchdog(),
@@ -481,6 +493,7 @@ class Node:
                         for r in self.runners},
             "publish_jitter": publisher.jitter_ns.summary() if publisher else {},
             "publisher_priority": publisher.priority if publisher else "",
+            "thread_priorities": dict(self.thread_priorities),
             "drivers": drivers,
             "security": self.curve.summary() if self.curve is not None else {"curve": False},
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -63,6 +63,7 @@ from fusion_node.protocol import (
     decode,
     encode,
 )
+from fusion_node.scheduling import raise_thread_niceness
 from fusion_node.shm import in_shared_memory
 
 log = logging.getLogger(__name__)
@@ -469,6 +470,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._accepting = True
         self._stopping = threading.Event()
+        self.priority = "default"
         self._thread = threading.Thread(target=self._run_blocking, name="recorder", daemon=True)
         self.dropped: Counter[str] = Counter()
         self.written = 0
@@ -527,7 +529,8 @@ class Recorder:
         return {"path": self.path, "written": self.written, "dropped": dropped,
                 "queued": queued, "queued_mb": round(queued_bytes / 2**20, 1),
                 "peak_queued_mb": round(peak_bytes / 2**20, 1),
-                "cpu_s": round(self.cpu_ns / 1e9, 3), "recording": not self.finished,
+                "cpu_s": round(self.cpu_ns / 1e9, 3), "priority": self.priority,
+                "recording": not self.finished,
                 "error": self.error}
 
     def close(self) -> None:
@@ -548,6 +551,7 @@ class Recorder:
             return item
 
     def _run_blocking(self) -> None:
+        self.priority = raise_thread_niceness()
         writer = self._writer
         cpu_start_ns = thread_cpu_ns()
         try:

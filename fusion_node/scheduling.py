@@ -85,6 +85,19 @@ def raise_thread_priority(rt_priority: int = PUBLISHER_RT_PRIORITY) -> str:
         return "default"
 
 
+def raise_thread_niceness() -> str:
+    """Give the calling thread a lower nice value if allowed; returns what was granted.
+
+    For the node's threads that are not real-time (receiver, recorder, clock trackers): a
+    real-time engine waiting for the GIL waits for whichever thread holds it, and when
+    other processes pre-empted that thread the wait reached 20 ms (priority inversion)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -_NICE_STEP)
+        return f"nice -{_NICE_STEP}"
+    except (PermissionError, OSError):
+        return "default"
+
+
 def realtime_allowed() -> bool:
     """Whether this process may use SCHED_FIFO, tried on a throwaway thread."""
     result: list[bool] = []

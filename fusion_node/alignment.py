@@ -215,12 +215,21 @@ class AlignmentBuffer:
 
     def push(self, msg: Message) -> bool:
         """Store a sample; False if it was dropped (unknown stream, duplicate, too old)."""
+        stored, _evicted = self._store(msg)
+        return stored  # the evicted sample is released here, after the lock
+
+    def _store(self, msg: Message) -> tuple[bool, Message | None]:
+        """Store a sample; (stored, the sample it evicted). The caller releases the evicted
+        sample after its locks: it may hold the last reference to a restarted camera's dead
+        ring, and unmapping that takes ~30 ms in the kernel, during which every engine
+        cutting a window waited for the lock."""
         ring = self._rings.get(msg.stream)
         if ring is None:
             self.unknown_streams[msg.stream] += 1
-            return False
+            return False, None
         stats = self.stats[msg.stream]
         key = (msg.t_capture_ns, msg.seq)
+        evicted: Message | None = None
         with self._lock:
             stats.received += 1
             if stats.last_seq >= 0 and msg.seq > stats.last_seq + 1:
@@ -230,12 +239,13 @@ class AlignmentBuffer:
             index = bisect.bisect_left(ring.keys, key)
             if index < len(ring.keys) and ring.keys[index] == key:
                 stats.duplicates += 1
-                return False
+                return False, None
             if len(ring.keys) >= ring.capacity:
                 if index == 0:
                     stats.too_old += 1
-                    return False
-                del ring.keys[0], ring.items[0]
+                    return False, None
+                del ring.keys[0]
+                evicted = ring.items.pop(0)
                 stats.evicted += 1
                 index -= 1
             ring.keys.insert(index, key)
@@ -244,7 +254,7 @@ class AlignmentBuffer:
                 if ring.samples is None:
                     ring.samples = _SampleRing(msg, ring.capacity * len(msg.samples))
                 ring.samples.write(msg)
-        return True
+        return True, evicted
 
     def window(self, t_ref_ns: int, spec: tuple[InputSpec, ...]) -> Window:
         """Assemble what `spec` asks for at `t_ref_ns`; missing streams are masked and named."""

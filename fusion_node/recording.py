@@ -621,11 +621,11 @@ class RecordingBuffer(AlignmentBuffer):
 
     def push(self, msg: Message) -> bool:
         with self._order:
-            stored = super().push(msg)
+            stored, _evicted = self._store(msg)
             t_ns = self._stamp()
         if self._recorder is not None:  # a bounded, non-blocking queue: no disk I/O here
             self._recorder.offer(msg, log_time_ns=t_ns)
-        return stored
+        return stored  # the evicted sample is released here, after both locks
 
     def window(self, t_ref_ns: int, spec: tuple[InputSpec, ...]) -> Window:
         with self._order:

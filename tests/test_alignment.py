@@ -224,3 +224,27 @@ def test_sequence_gaps_are_counted():
     for c in chunks[:3] + chunks[6:]:
         buf.push(c)
     assert buf.stats["audio.mic"].seq_gaps == 3
+
+
+@pytest.mark.parametrize("recording", [False, True])
+def test_an_evicted_frame_is_released_after_the_locks(recording):
+    # Releasing a frame can unmap a dead shared-memory ring (~30 ms): never under a lock
+    # that engines cutting windows wait for.
+    import weakref
+
+    from fusion_node.clock import ReplayClock
+    from fusion_node.recording import RecordingBuffer
+
+    buffer = (RecordingBuffer({"camera.front": 2}, ReplayClock(0)) if recording
+              else AlignmentBuffer({"camera.front": 2}))
+    locks = [buffer._lock] + ([buffer._order] if recording else [])
+    held_at_release: list[bool] = []
+    oldest = Frame("camera.front", 0, 1_000, np.zeros((4, 4, 3), np.uint8))
+    weakref.finalize(oldest.image, lambda: held_at_release.append(
+        any(lock.locked() for lock in locks)))
+    buffer.push(oldest)
+    del oldest
+    for seq in (1, 2):
+        buffer.push(Frame("camera.front", seq, 1_000 + seq, np.zeros((4, 4, 3), np.uint8)))
+    assert held_at_release == [False]
+    assert buffer.stats["camera.front"].evicted == 1

@@ -89,8 +89,8 @@ def raise_thread_niceness() -> str:
     """Give the calling thread a lower nice value if allowed; returns what was granted.
 
     For the node's threads that are not real-time (receiver, recorder, clock trackers): a
-    real-time engine waiting for the GIL waits for whichever thread holds it, and when
-    other processes pre-empted that thread the wait reached 20 ms (priority inversion)."""
+    real-time engine waiting for the GIL waits for whichever thread holds it, so a holder
+    pre-empted by other processes would delay it (priority inversion)."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -_NICE_STEP)
         return f"nice -{_NICE_STEP}"

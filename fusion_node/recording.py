@@ -42,8 +42,8 @@ from typing import Any, Self
 
 import numpy as np
 import zmq
-from mcap.reader import make_reader
 from mcap.data_stream import RecordBuilder
+from mcap.reader import make_reader
 from mcap.records import Channel, ChunkIndex, Schema
 from mcap.writer import CompressionType, Writer
 
@@ -240,7 +240,7 @@ class _SpilledChunkIndexes:
     list and iterates over it once, at `finish`."""
 
     def __init__(self, directory: str) -> None:
-        self._file = tempfile.TemporaryFile(dir=directory)
+        self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - closed by close()
 
     def append(self, index: ChunkIndex) -> None:
         builder = RecordBuilder()
@@ -280,7 +280,7 @@ class LogWriter:
                               compression=COMPRESSIONS[compression])
         # The writer's private list (mcap 1.6, pinned in pyproject.toml): it has no option
         # to keep its chunk indexes anywhere but in memory.
-        if not isinstance(getattr(self._writer, "_Writer__chunk_indices", None), list):
+        if type(getattr(self._writer, "_Writer__chunk_indices", None)) is not list:
             raise RuntimeError("this mcap version keeps its chunk indexes elsewhere; "
                                "fusion-node needs mcap 1.6")
         self._chunk_indexes = _SpilledChunkIndexes(os.path.dirname(os.path.abspath(path)))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ from fusion_node.faults import (
     install_wall_clock_jumps,
     wall_clock_jump_env,
 )
+from fusion_node.gc_pauses import GcPauses
 from fusion_node.node import Node
 
 _NS_PER_S = 1_000_000_000
@@ -90,30 +90,6 @@ class FaultLog:
         return {"injected": counts,
                 "seconds_in_fault_windows": round(sum(e - s for _, s, e in self.windows) / 1e9,
                                                   1)}
-
-
-class LongGcPauses:
-    """Collector pauses of at least `min_ms`, on the node's clock, to set beside late
-    predictions (the first `limit` of them)."""
-
-    def __init__(self, clock: MonotonicClock, min_ms: float = 5.0, limit: int = 10_000) -> None:
-        self.clock = clock
-        self.min_ns = round(min_ms * 1e6)
-        self.limit = limit
-        self.pauses: list[tuple[int, int, int]] = []  # (start, end, generation)
-        self._started_ns = 0
-
-    def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        now_ns = self.clock.now_ns()
-        if phase == "start":
-            self._started_ns = now_ns
-        elif now_ns - self._started_ns >= self.min_ns and len(self.pauses) < self.limit:
-            self.pauses.append((self._started_ns, now_ns, info["generation"]))
-
-    def overlapping_ms(self, start_ns: int, end_ns: int) -> float:
-        """Total pause within [start_ns, end_ns]."""
-        return sum(max(0, min(end, end_ns) - max(start, start_ns))
-                   for start, end, _ in self.pauses) / 1e6
 
 
 def _summary_ms(values_ns: list[int] | np.ndarray) -> dict[str, float]:
@@ -355,7 +331,7 @@ class _Soak:
         return microphone
 
 
-def _read_log(path: str, faults: FaultLog, start_ns: int, pauses: LongGcPauses
+def _read_log(path: str, faults: FaultLog, start_ns: int, pauses: GcPauses
               ) -> dict[str, Any]:
     """Open the recording as a replay would and read every message back; list the late
     predictions outside faults with the collector pauses between t_ref and publication."""
@@ -426,12 +402,9 @@ def run_soak_bench(minutes: float = 30.0, faults: tuple[str, ...] = FAULTS) -> d
         undo_jumps = install_wall_clock_jumps(jumps)
         started = time.monotonic()
         soak = _Soak(minutes, tmp, faults)
-        pauses = LongGcPauses(soak.clock)
-        gc.callbacks.append(pauses)
         try:
             node, subscribers, start_ns = asyncio.run(soak.run())
         finally:
-            gc.callbacks.remove(pauses)
             microphone = soak.stop_processes()
             undo_jumps()
             for key, value in saved_env.items():
@@ -442,7 +415,7 @@ def run_soak_bench(minutes: float = 30.0, faults: tuple[str, ...] = FAULTS) -> d
         wall_s = time.monotonic() - started
         assert node.recorder is not None
         recorder = node.recorder.stats()
-        log = _read_log(str(tmp / "soak.mcap"), soak.faults, start_ns, pauses)
+        log = _read_log(str(tmp / "soak.mcap"), soak.faults, start_ns, node.gc_pauses)
         log_bytes = (tmp / "soak.mcap").stat().st_size
     return _figures(soak, node, subscribers, start_ns, microphone, recorder, log, log_bytes,
                     wall_s)

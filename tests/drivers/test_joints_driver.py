@@ -17,6 +17,7 @@ from fusion_node.protocol import Frame, JointState
 from fusion_node.transport import Publisher
 
 NAMES = ("j1", "j2")
+REJECTS = ("wrong_kind", "names_changed", "not_monotonic")
 
 
 @pytest.fixture
@@ -76,10 +77,13 @@ async def test_reemits_states_keeps_stamps_and_counts_rejects(context, endpoint)
         # The first state fixes the joint names; only then does the controller misbehave.
         states = [await driver.recv()]
         controller.misbehave.set()
-        states += [await driver.recv() for _ in range(9)]
+        # A loaded machine may drop some of the bad messages at the publisher's high-water
+        # mark, so read until each kind of reject has been seen often enough.
+        while min(driver.rejected[k] for k in REJECTS) < 8 and len(states) < 5000:
+            states.append(await driver.recv())
     await driver.disconnect()
 
-    assert [s.seq for s in states] == list(range(10))
+    assert [s.seq for s in states] == list(range(len(states)))
     ks = [(s.t_capture_ns - 1_000_000) // 5_000 for s in states]
     assert ks == sorted(set(ks))  # rising stamps, none repeated
     for state, k in zip(states, ks, strict=True):
@@ -88,9 +92,7 @@ async def test_reemits_states_keeps_stamps_and_counts_rejects(context, endpoint)
         assert state.t_capture_ns == sent.t_capture_ns
         np.testing.assert_array_equal(state.position, sent.position)
         np.testing.assert_array_equal(state.velocity, sent.velocity)
-    rejected = driver.rejected
-    assert rejected["wrong_kind"] >= 8 and rejected["names_changed"] >= 8
-    assert rejected["not_monotonic"] >= 8
+    assert min(driver.rejected[k] for k in REJECTS) >= 8, driver.rejected
 
 
 async def test_silence_is_a_fault_naming_endpoint(context, endpoint):

@@ -280,6 +280,14 @@ class Node:
             self.clock_trackers[stream.name] = tracker
             self._start_thread(f"clock {stream.name}", tracker.run_blocking, self._receiving)
 
+    def _wait_for_rehearsals(self) -> None:
+        """Ready once every engine has paid its first tick's costs (a hung backend: once its
+        inference timeout has passed, and its health says so)."""
+        for runner in self.runners:
+            if not runner.rehearsed.wait(runner.infer_timeout_ns / 1e9):
+                log.warning("engine %s: not rehearsed within its %.0f ms inference timeout",
+                            runner.name, runner.infer_timeout_ns / 1e6)
+
     def _start_thread(self, name: str, target: Any, *args: Any,
                       realtime: bool = False) -> threading.Thread:
         """A node thread. `realtime` ones (publisher, engines) ask for real-time priority
@@ -387,6 +395,7 @@ class Node:
                     self._engine_threads.append(
                         self._start_thread(f"engine {runner.name}", runner.run_blocking,
                                            realtime=True))
+                await asyncio.to_thread(self._wait_for_rehearsals)
                 background.append(tasks.create_task(self._publish_health(), name="health"))
                 if self._systemd.watchdog_period_s is not None:
                     background.append(tasks.create_task(self._keep_watchdog(),

@@ -135,3 +135,46 @@ def test_missing_required_stream_publishes_nothing_and_says_why():
     assert runner.tick(9_000 * MS) is None
     assert runner.stats.missing_required == 1
     assert "audio.mic0" in runner.stats.last_missing
+
+
+def test_rehearsal_infers_once_and_publishes_counts_and_changes_nothing():
+    clock = ReplayClock(2_016 * MS)
+    queued: list = []
+
+    class Recorder(DeadlinePublisher):
+        def schedule(self, msg, deadline_ns):
+            queued.append(msg)
+
+    buffer = audio_buffer()
+    runner = speech_runner(clock, Recorder(lambda parts: None, clock), buffer)
+    calls = []
+    infer = runner.engine.infer
+    runner.engine.infer = lambda feeds: calls.append(feeds) or infer(feeds)
+    binding_before = vars(runner.binding).copy()
+
+    runner.rehearse()
+
+    assert runner.rehearsed.is_set()
+    assert len(calls) == 1
+    assert queued == [] and runner.stats.ticks == 0 and runner.stats.published == 0
+    assert all(vars(runner.binding)[k] is v for k, v in binding_before.items())
+    # The tick after it is the same as a tick with no rehearsal before it.
+    fresh = speech_runner(clock, Recorder(lambda parts: None, clock), buffer)
+    runner.tick(2_000 * MS)
+    fresh.tick(2_000 * MS)
+    rehearsed, unrehearsed = queued
+    assert rehearsed.fields == unrehearsed.fields
+    for name in rehearsed.arrays:
+        assert rehearsed.arrays[name].tobytes() == unrehearsed.arrays[name].tobytes()
+
+
+def test_a_failed_rehearsal_still_lets_the_runner_start():
+    clock = ReplayClock(10_000 * MS)
+    runner = speech_runner(clock, DeadlinePublisher(lambda parts: None, clock), audio_buffer())
+
+    def broken(feeds):
+        raise RuntimeError("backend not ready")
+
+    runner.engine.infer = broken
+    runner.rehearse()  # audio is missing at 10 s, and inference fails: logged, not raised
+    assert runner.rehearsed.is_set() and runner.stats.errors == 0

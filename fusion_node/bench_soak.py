@@ -298,6 +298,7 @@ class _Soak:
                             self.flood_endpoint, "--rate-hz", str(_FLOOD_RATE_HZ),
                             "--seconds", str(_FLOOD_S))
         stdout, _ = await asyncio.to_thread(flood.communicate, timeout=_FLOOD_S + 30)
+        self.processes.remove(flood)  # done: one per cycle would pile up over a long soak
         self.flood_sent += json.loads(stdout)["sent"]
         self.faults.add("flood_10x", start_ns, self.clock.now_ns())
 
@@ -489,6 +490,7 @@ def _figures(soak: _Soak, node: Node, subscribers: list[dict[str, Any]], start_n
         },
         "engines": engines,
         "gc_pauses": health["gc_pauses"],
+        "heap_trim": health["heap_trim"],
     }
 
 

@@ -32,6 +32,7 @@ from fusion_node.clock import Clock, MonotonicClock
 from fusion_node.config import EngineConfig, NodeConfig
 from fusion_node.errors import CalibrationError, ConfigError, EndOfStream, FusionError
 from fusion_node.gc_pauses import GcPauses
+from fusion_node.heap import TRIM_PERIOD_S, HeapTrimmer
 from fusion_node.protocol import AudioChunk, Health, Message, Prediction
 from fusion_node.remote_clock import ClockTracker
 from fusion_node.scheduling import (
@@ -203,6 +204,7 @@ class Node:
         self.clock_trackers: dict[str, ClockTracker] = {}
         self.unmapped: Counter[str] = Counter()  # remote samples dropped: no mapping yet
         self.gc_pauses = GcPauses()
+        self.heap = HeapTrimmer()
         self.audio_continuity = AudioContinuity()
         self.curve: CurveServer | None = None  # with keys: authenticator, refusal counts
 
@@ -397,6 +399,8 @@ class Node:
                                            realtime=True))
                 await asyncio.to_thread(self._wait_for_rehearsals)
                 background.append(tasks.create_task(self._publish_health(), name="health"))
+                if self.heap.available:
+                    background.append(tasks.create_task(self._trim_heap(), name="heap"))
                 if self._systemd.watchdog_period_s is not None:
                     background.append(tasks.create_task(self._keep_watchdog(),
                                                         name="watchdog"))
@@ -507,6 +511,7 @@ class Node:
             "security": self.curve.summary() if self.curve is not None else {"curve": False},
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "gc_pauses": self.gc_pauses.summary(),
+            "heap_trim": self.heap.summary(),
             **({"recorder": self.recorder.stats()} if self.recorder is not None else {}),
         }
 
@@ -516,6 +521,11 @@ class Node:
         while True:
             self._systemd.watchdog()
             await asyncio.sleep(self._systemd.watchdog_period_s)
+
+    async def _trim_heap(self) -> None:
+        while True:
+            await asyncio.sleep(TRIM_PERIOD_S)
+            self.heap.trim()
 
     async def _publish_health(self) -> None:
         assert self.publisher is not None

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from fusion_node.allocator import reexecute_with_jemalloc
 from fusion_node.errors import FusionError
 
 
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in ("run", "launch", "bench"):  # a process of its own
+        reexecute_with_jemalloc(sys.argv[1:])
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -1,11 +1,12 @@
-"""Hand the C heap's free pages back to the kernel, so a long-running node's RSS stays flat.
+"""With glibc's malloc, hand the heap's free pages back to the kernel now and then.
 
 The node's threads allocate and free windows, feeds, messages and model outputs of many sizes.
 glibc keeps the pages of freed chunks resident inside its heaps, and as allocations land in
 new places the set of touched pages creeps up although nothing is leaked: in a 15-minute soak
 anonymous RSS rose 4 MB while Python's objects and malloc's in-use bytes stayed flat, and one
 `malloc_trim(0)` (0.95 ms) gave the 4 MB back. `HeapTrimmer.trim` calls it; the node does so
-every `TRIM_PERIOD_S`. Elsewhere than glibc there is nothing to call and it does nothing.
+every `TRIM_PERIOD_S`. It does not undo fragmentation, which is why the node prefers jemalloc
+(`fusion_node.allocator`); under jemalloc, or without glibc, it does nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import ctypes
 import ctypes.util
 import time
 from typing import Any
+
+from fusion_node.allocator import active_allocator
 
 TRIM_PERIOD_S = 30.0
 
@@ -36,7 +39,8 @@ class HeapTrimmer:
 
     def __init__(self) -> None:
         # ctypes drops the GIL for the call: the engines run on while it walks the heaps.
-        self._trim = _malloc_trim()
+        self.allocator = active_allocator()
+        self._trim = _malloc_trim() if self.allocator == "glibc" else None
         self.trims = 0
         self.released = 0  # calls that returned memory to the kernel
         self.max_ns = 0
@@ -58,5 +62,5 @@ class HeapTrimmer:
         self.total_ns += elapsed_ns
 
     def summary(self) -> dict[str, Any]:
-        return {"available": self.available, "trims": self.trims, "released": self.released,
+        return {"allocator": self.allocator, "available": self.available, "trims": self.trims, "released": self.released,
                 "max_ms": round(self.max_ns / 1e6, 3), "total_ms": round(self.total_ns / 1e6, 3)}

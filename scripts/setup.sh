@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 
-# System packages, installed only when missing. PortAudio backs the microphone driver; the
-# tests also build the C++ example subscriber (libzmq, cppzmq, msgpack-c headers).
-packages="libportaudio2"
+# System packages, installed only when missing. PortAudio backs the microphone driver;
+# jemalloc is the node's allocator (fusion_node/allocator.py). The tests also build the C++
+# example subscriber (libzmq, cppzmq, msgpack-c headers).
+packages="libportaudio2 libjemalloc2"
 [ -n "$extras" ] && packages="$packages g++ libzmq3-dev cppzmq-dev libmsgpack-cxx-dev"
 # espeak-ng (GPL-3, a test-time tool only) speaks the speech of the Silero VAD test.
 [ -n "$extras" ] && packages="$packages espeak-ng"

@@ -256,6 +256,12 @@ class AlignmentBuffer:
                 ring.samples.write(msg)
         return True, evicted
 
+    def unrecorded_window(self, t_ref_ns: int, spec: tuple[InputSpec, ...]) -> Window:
+        """The window `window` would cut, which a recording node does not log as a cut: for
+        work whose result is never published (an engine's rehearsal), so a replay of the log
+        does not tick it."""
+        return AlignmentBuffer.window(self, t_ref_ns, spec)
+
     def window(self, t_ref_ns: int, spec: tuple[InputSpec, ...]) -> Window:
         """Assemble what `spec` asks for at `t_ref_ns`; missing streams are masked and named."""
         window = Window(t_ref_ns)

@@ -302,10 +302,11 @@ class EngineRunner:
         A tick's first window and feeds pay one-off costs (about 30 ms for the speech engine:
         first allocations, code paths taken once); paid here, on the engine's own thread, they
         do not make the first scheduled tick late. The binding's state (a latched command, a
-        recurrent model's state) is left untouched: the rehearsal works on a copy of it.
+        recurrent model's state) is left untouched: the rehearsal works on a copy of it, and a
+        recording node does not log its window cut, which a replay would tick.
         """
         try:
-            window = self._buffer.window(self._clock.now_ns(), self.binding.spec)
+            window = self._buffer.unrecorded_window(self._clock.now_ns(), self.binding.spec)
             binding = copy.deepcopy(self.binding)
             binding.decode(self.engine.infer(binding.feeds(window)), window)
         except Exception as exc:  # noqa: BLE001 - a failure here shows again on a real tick

@@ -70,6 +70,17 @@ def test_publisher_sends_health_at_once_and_feeds_back_predictions():
     assert [p.seq for p in published] == [0]
 
 
+class QueuingPublisher(DeadlinePublisher):
+    """Keeps what the runners schedule, in order, instead of sending it."""
+
+    def __init__(self, clock: ReplayClock) -> None:
+        super().__init__(lambda parts: None, clock)
+        self.queued: list[Prediction] = []
+
+    def schedule(self, msg, deadline_ns):
+        self.queued.append(msg)
+
+
 def speech_runner(clock: ReplayClock, publisher: DeadlinePublisher,
                   buffer: AlignmentBuffer) -> EngineRunner:
     engine = OnnxRuntimeEngine(model_path("speech"), name="speech")
@@ -112,18 +123,13 @@ def test_prediction_ready_after_its_deadline_is_flagged_late():
 
 def test_same_window_gives_identical_prediction():
     clock = ReplayClock(3_000 * MS)
-    queued: list = []
-
-    class Recorder(DeadlinePublisher):
-        def schedule(self, msg, deadline_ns):
-            queued.append(msg)
-
+    publisher = QueuingPublisher(clock)
     buffer = audio_buffer()
-    a = speech_runner(clock, Recorder(lambda parts: None, clock), buffer)
-    b = speech_runner(clock, Recorder(lambda parts: None, clock), buffer)
+    a = speech_runner(clock, publisher, buffer)
+    b = speech_runner(clock, publisher, buffer)
     for runner in (a, b):
         runner.tick(2_000 * MS)
-    first, second = queued
+    first, second = publisher.queued
     for name in first.arrays:
         assert first.arrays[name].tobytes() == second.arrays[name].tobytes()
     assert first.fields == second.fields
@@ -139,14 +145,9 @@ def test_missing_required_stream_publishes_nothing_and_says_why():
 
 def test_rehearsal_infers_once_and_publishes_counts_and_changes_nothing():
     clock = ReplayClock(2_016 * MS)
-    queued: list = []
-
-    class Recorder(DeadlinePublisher):
-        def schedule(self, msg, deadline_ns):
-            queued.append(msg)
-
+    publisher = QueuingPublisher(clock)
     buffer = audio_buffer()
-    runner = speech_runner(clock, Recorder(lambda parts: None, clock), buffer)
+    runner = speech_runner(clock, publisher, buffer)
     calls = []
     infer = runner.engine.infer
     runner.engine.infer = lambda feeds: calls.append(feeds) or infer(feeds)
@@ -156,13 +157,13 @@ def test_rehearsal_infers_once_and_publishes_counts_and_changes_nothing():
 
     assert runner.rehearsed.is_set()
     assert len(calls) == 1
-    assert queued == [] and runner.stats.ticks == 0 and runner.stats.published == 0
+    assert publisher.queued == [] and runner.stats.ticks == 0 and runner.stats.published == 0
     assert all(vars(runner.binding)[k] is v for k, v in binding_before.items())
     # The tick after it is the same as a tick with no rehearsal before it.
-    fresh = speech_runner(clock, Recorder(lambda parts: None, clock), buffer)
+    fresh = speech_runner(clock, publisher, buffer)
     runner.tick(2_000 * MS)
     fresh.tick(2_000 * MS)
-    rehearsed, unrehearsed = queued
+    rehearsed, unrehearsed = publisher.queued
     assert rehearsed.fields == unrehearsed.fields
     for name in rehearsed.arrays:
         assert rehearsed.arrays[name].tobytes() == unrehearsed.arrays[name].tobytes()

@@ -161,6 +161,9 @@ def _engine(data: Any, index: int) -> EngineConfig:
         backend=table.get("backend", str, "auto"), precision=table.get("precision", str, "fp16"),
         calibration=table.get("calibration", str, None), spec=spec)
     table.done()
+    for role, stream in engine.inputs.items():
+        if not isinstance(stream, str):
+            raise ConfigError(f"{where}.inputs.{role} = {stream!r} is not a stream name")
     if engine.backend not in BACKENDS:
         raise ConfigError(f"{where}: backend {engine.backend!r} is not one of {BACKENDS}")
     if engine.precision not in PRECISIONS:

@@ -30,7 +30,11 @@ class Table:
             return default
         value = self._data.pop(key)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise ConfigError(f"{self.where}.{key}: an integer of {value.bit_length()} "
+                                  "bits is too large for a number") from None
         if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
             raise ConfigError(f"{self.where}.{key} = {value!r} is not a "
                               f"{getattr(kind, '__name__', kind)}")

@@ -83,11 +83,17 @@ def serve_camera(port: int, fps: float, stop: threading.Event) -> None:
     from drivers.simulated import SimulatedCamera, SimulatedCameraConfig
     from fusion_node.clock import MonotonicClock
 
+    # OpenCV's worker pool, torn down at exit while a request thread is still encoding,
+    # aborts the process ("terminate called without an active exception"); one frame
+    # at a time needs no pool.
+    cv2.setNumThreads(0)
     clock = MonotonicClock()
     camera = SimulatedCamera(SimulatedCameraConfig("camera.server", fps), clock)
     period_ns = round(_NS_PER_S / fps)
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 5.0  # a client that stops reading must not keep the server from exiting
+
         def log_message(self, *args: Any) -> None:  # one line per request is noise here
             pass
 
@@ -109,11 +115,14 @@ def serve_camera(port: int, fps: float, stop: threading.Event) -> None:
                     self.wfile.write(b"--" + _BOUNDARY + b"\r\nContent-Type: image/jpeg\r\n"
                                      b"Content-Length: %d\r\n\r\n" % len(body) + body + b"\r\n")
                     next_ns += period_ns
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client went away
+            except OSError:
+                pass  # the client went away, or stopped reading
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
+    # Request threads are joined on close (they see `stop` within a frame), so none is
+    # still inside OpenCV when the interpreter finalizes.
+    server.daemon_threads = False
+    server.block_on_close = True
     thread = threading.Thread(target=server.serve_forever, name="camera server", daemon=True)
     thread.start()
     stop.wait()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import numpy as np
 
 from fusion_node.protocol import AudioChunk, Frame, JointState
 
@@ -24,3 +27,15 @@ class Driver(Protocol):
     async def recv(self) -> Sample: ...
 
     async def disconnect(self) -> None: ...
+
+
+# Lends a writable array for the next sample of a stream: (stream, shape, dtype) -> array.
+Loan = Callable[[str, tuple[int, ...], np.dtype], np.ndarray]
+
+
+@runtime_checkable
+class WritesIntoLoans(Protocol):
+    """A driver that can write its samples straight into arrays its publisher lends
+    (`Publisher.loan`: shared-memory slots), so nothing copies them on the way out."""
+
+    def use_loans(self, loan: Loan) -> None: ...

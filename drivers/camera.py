@@ -1,6 +1,8 @@
 """OpenCV camera driver: a live device (V4L2 index or path, network URL) or a video file.
 
 Frames go out as "bgr8", OpenCV's native order, so no colour conversion is paid per frame.
+Given a publisher's loans (`use_loans`), OpenCV decodes each frame straight into a slot of the
+publisher's shared-memory ring, so nothing copies it again on its way to the subscribers.
 
 Live sources are read continuously by a capture thread (a camera's own buffer would otherwise
 hand out stale frames) and stamped at grab time minus the calibrated pipeline delay; frames
@@ -18,10 +20,12 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
 
+from drivers.base import Loan
 from fusion_node.clock import Clock
 from fusion_node.errors import ConfigError, DriverError, EndOfStream
 from fusion_node.protocol import Frame
@@ -123,6 +127,28 @@ class OpenCVCamera:
         self._reconnecting = False
         self.disconnects = 0
         self.reconnects = 0
+        self._loan: Loan | None = None
+        # The next frame's shape: the source's reported size, then the last frame's.
+        self._shape: tuple[int, ...] | None = None
+        self.decoded_in_place = 0  # frames decoded straight into a lent array
+
+    def use_loans(self, loan: Loan) -> None:
+        """Decode into arrays `loan(stream, shape, dtype)` lends (`Publisher.loan`)."""
+        self._loan = loan
+
+    def _decode(self, read: Any) -> tuple[bool, np.ndarray]:
+        """`read()` (`capture.read` or `capture.retrieve`), into a lent array if there is one
+        of the right shape; OpenCV allocates anew when the shape differs, and the unused loan
+        is given back when it is dropped here."""
+        if self._loan is None or self._shape is None:
+            ok, image = read()
+        else:
+            target = self._loan(self.stream, self._shape, np.dtype(np.uint8))
+            ok, image = read(target)
+            self.decoded_in_place += ok and image is target
+        if ok:
+            self._shape = image.shape
+        return ok, image
 
     @property
     def _name(self) -> str:
@@ -132,6 +158,9 @@ class OpenCVCamera:
     async def connect(self) -> None:
         capture = await asyncio.to_thread(self._open_blocking)
         self._capture = capture
+        size = (int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)))
+        self._shape = (*size, 3) if min(size) > 0 else None
         self._seq = self._next_seq = 0
         self._ended, self._failure = False, ""
         self._loop_offset_ns, self._last_pos_ns = 0, -1
@@ -193,13 +222,13 @@ class OpenCVCamera:
             raise DriverError(f"{self._name} is not connected")
         if self._ended:
             raise EndOfStream(f"{self._name} ended")
-        ok, image = capture.read()
+        ok, image = self._decode(capture.read)
         if not ok and self.config.loop and self._last_pos_ns >= 0:
             # Restart one frame period after the last frame, so stamps stay evenly spaced.
             self._loop_offset_ns += self._last_pos_ns + self._period_ns
             self._last_pos_ns = -1
             capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
-            ok, image = capture.read()
+            ok, image = self._decode(capture.read)
         if not ok:
             self._ended = True
             raise EndOfStream(f"{self._name} ended after {self._seq} frames")
@@ -238,7 +267,7 @@ class OpenCVCamera:
                     return
                 capture = reopened
                 continue
-            ok, image = capture.retrieve()
+            ok, image = self._decode(capture.retrieve)
             if not ok:
                 self._fail("cannot decode the grabbed frame")
                 return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from drivers.base import Driver
+from drivers.base import Driver, WritesIntoLoans
 from fusion_node.errors import DriverError, EndOfStream
 from fusion_node.transport import Publisher
 
@@ -18,6 +18,8 @@ async def publish_driver(driver: Driver, publisher: Publisher) -> int:
     disconnects the driver, within `DISCONNECT_TIMEOUT_S`, and then re-raises.
     """
     sent = 0
+    if isinstance(driver, WritesIntoLoans):
+        driver.use_loans(publisher.loan)
     try:
         await driver.connect()
         while True:

@@ -201,7 +201,7 @@ class _Receiver:
 
 FRAME_SHAPES = {"640x480x3": (480, 640, 3), "1280x720x3": (720, 1280, 3)}
 # shm: `Publisher.send` of an existing array (one copy into the ring, timed); shm_loan: the
-# producer fills a loaned slot before stamping, as a camera decoding into it would.
+# producer fills a loaned slot before stamping, as the camera driver's decoder does.
 FRAME_PATHS = ("raw", "ours", "shm", "shm_loan")
 FRAME_SUBSCRIBERS = (1, 3)
 # Paced so that three receivers on two cores keep up: latency, not queueing.

@@ -29,6 +29,7 @@ import mmap
 import os
 import re
 import struct
+import threading
 import time
 import weakref
 from collections import OrderedDict, deque
@@ -139,7 +140,10 @@ class _Ring:
         self.expires_ns = [0] * slots
         self.in_use: deque[int] = deque()  # written slots, oldest first
         self.fresh = 0  # slots below this have been written at least once
-        self.loan: tuple[int, np.ndarray] | None = None  # (slot, array) lent to the producer
+        # Slots lent to the producer and not yet sent: id(array) -> (slot, a weak reference
+        # to the array, the finalizer that gives the slot back when the array is dropped).
+        self.loans: dict[int, tuple[int, weakref.ref, weakref.finalize]] = {}
+        self.closed = False
 
     def take(self, now_ns: int) -> int | None:
         """A slot free to write: the oldest expired one, else a fresh one, else None."""
@@ -173,18 +177,38 @@ class _Ring:
         self.buf[offset:offset + payload.nbytes] = payload
         return self.commit(slot, payload.nbytes, now_ns), offset
 
-    def release_loan(self) -> None:
-        """Give back a loaned slot that was never sent: reusable at once."""
-        assert self.loan is not None
-        slot = self.loan[0]
-        self.loan = None
+    def lent(self, payload: memoryview) -> int | None:
+        """The slot of the loan `payload` (as `encode` made it) views exactly, taken off the
+        loans; None if it views no loan."""
+        # encode() views the message's own array when it is already C-contiguous
+        # little-endian: payload.obj is then that array or a view of it, and the loaned
+        # array is on its chain of bases.
+        obj = payload.obj
+        while isinstance(obj, np.ndarray):
+            loan = self.loans.get(id(obj))
+            if loan is not None and loan[1]() is obj:
+                if payload.nbytes != obj.nbytes:
+                    return None
+                del self.loans[id(obj)]
+                loan[2].detach()
+                return loan[0]
+            obj = obj.base
+        return None
+
+    def give_back(self, key: int, slot: int) -> None:
+        """A loan dropped unsent: its slot is reusable at once."""
+        if self.closed or self.loans.pop(key, None) is None:
+            return
         self.generation[slot] += 1  # even again, but no header names this generation
         self.expires_ns[slot] = 0
         self.in_use.appendleft(slot)
 
     def close(self) -> None:
         _unlink(self.name)
-        self.loan = None
+        self.closed = True
+        for _, _, finalizer in self.loans.values():
+            finalizer.detach()
+        self.loans.clear()
         try:
             self.buf.release()
             self.map.close()
@@ -206,7 +230,10 @@ def _unlink_all(names: set[str]) -> None:
 
 
 class ShmWriter:
-    """A publisher's rings, one per stream; owned by the publisher's thread."""
+    """A publisher's rings, one per stream.
+
+    `wrap` runs on the publisher's thread; `loan` may also be called from a producer's own
+    thread (a camera's capture thread), so ring state is guarded by a lock."""
 
     def __init__(self, config: ShmConfig,
                  clock_ns: Callable[[], int] = time.monotonic_ns) -> None:
@@ -219,6 +246,8 @@ class ShmWriter:
         self.sent = 0
         self.loaned = 0  # of those sent, written in place by the producer: no copy
         self.fallbacks = 0  # large payloads sent plainly: every slot was still leased
+        # Re-entrant: a dropped loan gives its slot back from whatever code drops it.
+        self._lock = threading.RLock()
         self.reclaimed = reclaim_stale_segments()
         # Segments must not outlive the process even if close() is never called.
         self._names: set[str] = set()
@@ -239,43 +268,48 @@ class ShmWriter:
         header = bytes(parts[1])
         if not _single_array_kind(header):
             return parts
-        ring = self._ring(bytes(parts[0]), payload.nbytes)
-        now_ns = self._clock_ns()
-        if ring.loan is not None and _built_on(payload, ring.loan[1]):
-            # The producer wrote the payload into the slot itself: nothing to copy.
-            slot = ring.loan[0]
-            ring.loan = None
-            offset = ring.data_offset + slot * ring.slot_size
-            generation = ring.commit(slot, payload.nbytes, now_ns)
-            self.loaned += 1
-        else:
-            free = ring.take(now_ns)
-            if free is None:
-                self.fallbacks += 1
-                return parts
-            slot = free
-            generation, offset = ring.write(slot, payload, now_ns)
-        self.sent += 1
+        with self._lock:
+            ring = self._ring(bytes(parts[0]), payload.nbytes)
+            now_ns = self._clock_ns()
+            slot = ring.lent(payload)
+            if slot is not None:
+                # The producer wrote the payload into the slot itself: nothing to copy.
+                offset = ring.data_offset + slot * ring.slot_size
+                generation = ring.commit(slot, payload.nbytes, now_ns)
+                self.loaned += 1
+            else:
+                slot = ring.take(now_ns)
+                if slot is None:
+                    self.fallbacks += 1
+                    return parts
+                generation, offset = ring.write(slot, payload, now_ns)
+            self.sent += 1
         return [parts[0], _with_shm(header, {
             "segment": ring.name, "slot": slot, "generation": generation, "offset": offset,
             "length": payload.nbytes})]
 
     def loan(self, topic: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
-        """A writable array in a free slot for the next message on `topic`, or None if all
-        are leased. Fill it, then send a message carrying exactly this array: it goes out
-        without a copy. A new loan on the same topic gives back one never sent."""
+        """A writable array in a free slot for a message on `topic`, or None if all are
+        leased or lent. Fill it, then send a message carrying exactly this array: it goes out
+        without a copy. Several loans may be out at once (frames queued between capture and
+        send); one dropped without being sent gives its slot back."""
         nbytes = math.prod(shape) * dtype.itemsize
-        ring = self._ring(topic, nbytes)
-        if ring.loan is not None:
-            ring.release_loan()
-        slot = ring.take(self._clock_ns())
-        if slot is None:
-            self.fallbacks += 1
-            return None
-        offset = ring.begin(slot)
-        array = np.ndarray(shape, dtype, ring.buf[offset:offset + nbytes])
-        ring.loan = (slot, array)
+        with self._lock:
+            ring = self._ring(topic, nbytes)
+            slot = ring.take(self._clock_ns())
+            if slot is None:  # the producer writes a plain array; `wrap` counts a fallback
+                return None
+            offset = ring.begin(slot)
+            array = np.ndarray(shape, dtype, ring.buf[offset:offset + nbytes])
+            key = id(array)
+            # Neither holds the array: dropping it unsent is what gives the slot back.
+            finalizer = weakref.finalize(array, self._give_back, ring, key, slot)
+            ring.loans[key] = (slot, weakref.ref(array), finalizer)
         return array
+
+    def _give_back(self, ring: _Ring, key: int, slot: int) -> None:
+        with self._lock:
+            ring.give_back(key, slot)
 
     def _ring(self, topic: bytes, nbytes: int) -> _Ring:
         ring = self._rings.get(topic)
@@ -310,18 +344,6 @@ class ShmWriter:
             ring.close()
         self._rings.clear()
         self._finalizer()
-
-
-def _built_on(payload: memoryview, array: np.ndarray) -> bool:
-    """True if `payload`, as `encode` made it, views exactly `array`'s memory."""
-    # encode() views the message's own array when it is already C-contiguous little-endian:
-    # payload.obj is then that array or a view of it, and `array` is on its chain of bases.
-    obj = payload.obj
-    while isinstance(obj, np.ndarray):
-        if obj is array:
-            return payload.nbytes == array.nbytes
-        obj = obj.base
-    return False
 
 
 def _single_array_kind(header: bytes) -> bool:

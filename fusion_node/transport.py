@@ -10,6 +10,7 @@ subscribers resolve them into read-only views valid for the ring's lease.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -59,8 +60,8 @@ class Publisher:
         self._curve = curve
         self.endpoint = endpoint
         self.shm_config = shm if shm is not None and is_loopback_or_ipc(endpoint) else None
-        # Created on the first large payload: a publisher of small messages maps nothing.
         self.shm: ShmWriter | None = None
+        self._shm_lock = threading.Lock()
         self._shm_threshold = (self.shm_config.threshold_bytes if self.shm_config is not None
                                else 1 << 62)
         self._socket = context.socket(zmq.PUB)
@@ -82,10 +83,7 @@ class Publisher:
     def send(self, msg: Message) -> None:
         parts = encode(msg)
         if len(parts) == 3 and len(parts[2]) >= self._shm_threshold:
-            if self.shm is None:
-                assert self.shm_config is not None  # the threshold is finite only with one
-                self.shm = ShmWriter(self.shm_config)
-            parts = self.shm.wrap(parts)
+            parts = (self.shm or self._shm_writer()).wrap(parts)
         # NOBLOCK: a PUB socket never blocks, but be explicit that sending cannot stall.
         self._socket.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
 
@@ -94,17 +92,25 @@ class Publisher:
 
         On the shared-memory path it is a slot of the stream's ring: write the frame into it
         (e.g. the camera's decoder output), then `send` a message carrying exactly this
-        array before the next `loan` on the stream. Otherwise (no shared memory, small, or
-        every slot leased) it is an ordinary array and `send` works as usual."""
+        array. Several may be out at once, and the producer's own thread (a capture thread)
+        may ask for them; one dropped without being sent gives its slot back. Otherwise (no
+        shared memory, small, or every slot leased) it is an ordinary array and `send` works
+        as usual."""
         dtype = np.dtype(dtype)
         if int(np.prod(shape)) * dtype.itemsize >= self._shm_threshold:
-            if self.shm is None:
-                assert self.shm_config is not None
-                self.shm = ShmWriter(self.shm_config)
-            array = self.shm.loan(stream.encode(), shape, dtype)
+            array = (self.shm or self._shm_writer()).loan(stream.encode(), shape, dtype)
             if array is not None:
                 return array
         return np.empty(shape, dtype)
+
+    def _shm_writer(self) -> ShmWriter:
+        # Made on the first large payload or loan (a publisher of small messages maps
+        # nothing); a capture thread's loan and the sending thread may get here together.
+        with self._shm_lock:
+            if self.shm is None:
+                assert self.shm_config is not None  # the threshold is finite only with one
+                self.shm = ShmWriter(self.shm_config)
+            return self.shm
 
     def send_parts(self, parts: list) -> None:
         self._socket.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from drivers.base import Loan
 from drivers.microphone import AudioChunker
 from engines.espeak import Phoneme
 from engines.mouth import REST, Appearance, mouth_track, render_mouth
@@ -161,7 +162,8 @@ class SimulatedCameraConfig:
 class SimulatedCamera:
     """Frames of a face whose mouth (inside `MOUTH_ROI`) opens and closes with the script.
 
-    The static face is rendered once; each frame copies it and draws only the mouth.
+    The static face is rendered once; each frame copies it and draws only the mouth, into
+    an array the publisher lends when it has one (`use_loans`: a shared-memory slot).
     """
 
     def __init__(self, config: SimulatedCameraConfig, clock: Clock) -> None:
@@ -169,6 +171,10 @@ class SimulatedCamera:
         self.stream = config.stream
         self._pacer = _Pacer(clock, config.fps)
         self._background = _render_face()
+        self._loan: Loan | None = None
+
+    def use_loans(self, loan: Loan) -> None:
+        self._loan = loan
 
     async def connect(self) -> None:
         self._pacer.start()
@@ -182,11 +188,14 @@ class SimulatedCamera:
         t_ns = self._pacer.capture_ns(index)
         # A frame is exposed at one instant: it is complete at its capture time.
         self._pacer.wait_until(t_ns)
-        return Frame(self.stream, index, t_ns, self.render(t_ns), "rgb8")
+        out = (self._loan(self.stream, self._background.shape, self._background.dtype)
+               if self._loan is not None else None)
+        return Frame(self.stream, index, t_ns, self.render(t_ns, out), "rgb8")
 
-    def render(self, t_ns: int) -> np.ndarray:
-        """The frame the camera sees at clock time `t_ns` (a new array)."""
-        image = self._background.copy()
+    def render(self, t_ns: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The frame the camera sees at clock time `t_ns`, in `out` or a new array."""
+        image = np.empty_like(self._background) if out is None else out
+        np.copyto(image, self._background)
         x, y, w, h = MOUTH_ROI
         opening, width = mouth_shape(t_ns)
         render_mouth(_APPEARANCE, opening, width, out=image[y:y + h, x:x + w])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import zmq
 
 from drivers.simulated import (
     JOINT_NAMES,
@@ -16,6 +17,8 @@ from drivers.simulated import (
     mouth_opening,
     speaking,
 )
+from fusion_node.shm import in_shared_memory
+from fusion_node.transport import Publisher
 
 NS_PER_S = 1_000_000_000
 
@@ -112,3 +115,22 @@ async def test_joints_rate_names_and_consistent_velocity(stepping_clock):
     numeric = (position[2:] - position[:-2]) / 0.010
     np.testing.assert_allclose(numeric, velocity[1:-1], atol=1e-3)
     assert np.all(np.ptp(position, axis=0) > 0.1)  # every joint actually moves
+
+
+async def test_camera_renders_into_the_publishers_shared_memory_slots(tmp_path, stepping_clock):
+    context = zmq.Context()
+    publisher = Publisher(context, f"ipc://{tmp_path}/camera.ipc")
+    try:
+        camera = SimulatedCamera(SimulatedCameraConfig("camera.sim"), stepping_clock)
+        camera.use_loans(publisher.loan)
+        reference = SimulatedCamera(SimulatedCameraConfig("camera.sim"), stepping_clock)
+        await camera.connect()
+        for _ in range(5):
+            frame = await camera.recv()
+            assert in_shared_memory(frame.image)
+            np.testing.assert_array_equal(frame.image, reference.render(frame.t_capture_ns))
+            publisher.send(frame)
+        assert publisher.shm is not None and publisher.shm.loaned == publisher.shm.sent == 5
+    finally:
+        publisher.close()
+        context.destroy(linger=0)

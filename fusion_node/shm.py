@@ -304,6 +304,7 @@ class ShmWriter:
             key = id(array)
             # Neither holds the array: dropping it unsent is what gives the slot back.
             finalizer = weakref.finalize(array, self._give_back, ring, key, slot)
+            finalizer.atexit = False  # at exit the whole ring goes
             ring.loans[key] = (slot, weakref.ref(array), finalizer)
         return array
 

@@ -20,6 +20,7 @@ from fusion_node.faults import fault_process_argv, free_tcp_port, wait_for_tcp_p
 from fusion_node.protocol import Frame
 from fusion_node.shm import ShmConfig, ShmWriter, in_shared_memory
 from fusion_node.transport import Publisher, Subscriber
+from tests.drivers.test_driver_process import receive
 
 FPS = 25
 PERIOD_NS = 1_000_000_000 // FPS
@@ -168,17 +169,6 @@ def large_video(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[np
     return path, decoded
 
 
-def receive_frames(subscriber: Subscriber, count: int) -> list[Frame]:
-    frames = []
-    for _ in range(100 * count):  # hang guard: 100 ms polls
-        msg = subscriber.recv(timeout_ms=100)
-        if isinstance(msg, Frame):
-            frames.append(msg)
-            if len(frames) == count:
-                return frames
-    raise AssertionError(f"received {len(frames)} of {count} frames")
-
-
 def start_camera_server(port: int, fps: float) -> subprocess.Popen:
     """A network camera (HTTP MJPEG) in its own process."""
     return subprocess.Popen(fault_process_argv("camera-server", "--port", str(port),
@@ -205,7 +195,7 @@ async def test_file_frames_decode_into_loaned_slots_and_arrive_bit_exact(
                           MonotonicClock())
     task = asyncio.create_task(publish_driver(camera, publisher))
     try:
-        received = await asyncio.to_thread(receive_frames, subscriber, 2 * N_FRAMES)
+        received = await asyncio.to_thread(receive, subscriber, 2 * N_FRAMES, Frame)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -6,15 +6,12 @@
 Clips are generated on the fly by a worker process (`engines.speech_corpus`, train split)
 while the model trains on one thread; the model is selected on the validation split (unseen
 voices, phrases, babble and appearances) and written as ONNX plus its torch weights (`.pt`).
-Candidates are the trained weights and, over the second half, their exponential moving average
-(which averages out the last steps' noise); whichever scores best on validation is written.
 Deterministic from --seed: the data of step k depends only on the seed and k.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import math
@@ -34,8 +31,6 @@ from engines.vocabulary import COMMANDS
 
 BATCH = 64
 PER_CLIP = 4
-# About the last 500 steps in the average.
-EMA_DECAY = 0.998
 
 
 def window_arrays(generator: Generator, windows: list[Window]) -> dict[str, np.ndarray]:
@@ -186,12 +181,6 @@ def _chunked(model: models.SpeechModel, feeds: dict[str, torch.Tensor],
     return out
 
 
-@torch.no_grad()
-def _update_average(average: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for kept, current in zip(average.parameters(), model.parameters(), strict=True):
-        kept.lerp_(current, 1.0 - decay)
-
-
 def train(out: Path, steps: int, seed: int, lr: float, validation_windows: int,
           eval_every: int, workers: int = 2) -> dict[str, float]:
     torch.set_num_threads(1)
@@ -212,7 +201,6 @@ def train(out: Path, steps: int, seed: int, lr: float, validation_windows: int,
     validation = validation_set(validation_windows)
     best: dict[str, float] = {"score": -1.0}
     best_state = None
-    average = copy.deepcopy(model).requires_grad_(False)
     started = time.monotonic()
     running: dict[str, float] = {}
     first_loss = None
@@ -227,31 +215,24 @@ def train(out: Path, steps: int, seed: int, lr: float, validation_windows: int,
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
         scheduler.step()
-        _update_average(average, model, min(EMA_DECAY, (1 + step) / (10 + step)))
         for k, v in parts.items():
             running[k] = 0.98 * running.get(k, v.item()) + 0.02 * v.item()
         if first_loss is None:
             first_loss = parts["total"].item()
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            candidates = [("weights", model)]
-            if 2 * (step + 1) >= steps:
-                candidates.append(("average", average))
-            for kind, candidate in candidates:
-                metrics = evaluate(candidate, validation)
-                # Selection: audio+video command accuracy first, the frame heads break ties.
-                score = metrics["command_acc_av"] + 0.1 * (metrics["vad_acc"]
-                                                           + metrics["speaker_acc"])
-                marker = ""
-                if score > best["score"]:
-                    best = {"score": score, "step": step + 1, "average": kind == "average",
-                            **metrics}
-                    best_state = {k: v.clone() for k, v in candidate.state_dict().items()}
-                    marker = " *"
-                elapsed = time.monotonic() - started
-                print(f"step {step + 1}/{steps} {elapsed:.0f} s {kind} loss "
-                      + " ".join(f"{k} {v:.3f}" for k, v in running.items()) + " | val "
-                      + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + marker,
-                      flush=True)
+            metrics = evaluate(model, validation)
+            # Selection: audio+video command accuracy first, the frame heads break ties.
+            score = metrics["command_acc_av"] + 0.1 * (metrics["vad_acc"]
+                                                       + metrics["speaker_acc"])
+            marker = ""
+            if score > best["score"]:
+                best = {"score": score, "step": step + 1, **metrics}
+                best_state = {k: v.clone() for k, v in model.state_dict().items()}
+                marker = " *"
+            elapsed = time.monotonic() - started
+            print(f"step {step + 1}/{steps} {elapsed:.0f} s loss "
+                  + " ".join(f"{k} {v:.3f}" for k, v in running.items()) + " | val "
+                  + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + marker, flush=True)
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
@@ -268,9 +249,7 @@ def _export(model: models.SpeechModel, out: Path, steps: int, seed: int,
     rng = np.random.default_rng(seed)
     training = (f"python -m engines.train_speech --out {out.name} --steps {steps} "
                 f"--seed {seed}: synthetic AV corpus (espeak-ng voices, drawn mouth), "
-                f"selected at step {metrics['step']}"
-                f"{' (moving average)' if metrics.get('average') else ''} on the validation "
-                "split")
+                f"selected at step {metrics['step']} on the validation split")
     model_hash = export_onnx(
         model, models.random_feeds(models.SPEECH_INPUTS, rng), out, name="speech",
         version=f"1+synthetic.seed{seed}.steps{steps}",

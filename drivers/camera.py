@@ -19,8 +19,8 @@ import collections
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import cv2
 import numpy as np
@@ -136,7 +136,8 @@ class OpenCVCamera:
         """Decode into arrays `loan(stream, shape, dtype)` lends (`Publisher.loan`)."""
         self._loan = loan
 
-    def _decode(self, read: Any) -> tuple[bool, np.ndarray]:
+    def _decode(self, read: Callable[..., tuple[bool, np.ndarray]]
+                ) -> tuple[bool, np.ndarray]:
         """`read()` (`capture.read` or `capture.retrieve`), into a lent array if there is one
         of the right shape; OpenCV allocates anew when the shape differs, and the unused loan
         is given back when it is dropped here."""

@@ -62,5 +62,6 @@ class HeapTrimmer:
         self.total_ns += elapsed_ns
 
     def summary(self) -> dict[str, Any]:
-        return {"allocator": self.allocator, "available": self.available, "trims": self.trims, "released": self.released,
+        return {"allocator": self.allocator, "available": self.available, "trims": self.trims,
+                "released": self.released,
                 "max_ms": round(self.max_ns / 1e6, 3), "total_ms": round(self.total_ns / 1e6, 3)}

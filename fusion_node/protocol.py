@@ -17,15 +17,13 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import numpy as np
 
 from fusion_node.errors import ProtocolError
-
-if TYPE_CHECKING:
-    from fusion_node.shm import ShmReader
+from fusion_node.shm import ShmReader, shm_entry, shm_entry_prefix, shm_ints
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -375,6 +373,10 @@ def decode(parts: Sequence[Buffer], t_receive_ns: int = 0,
         known = _decode_known(raw_topic, raw_header, parts[2], t_receive_ns)
         if known is not None:
             return known
+    elif len(parts) == 2 and shm is not None and raw_header.nbytes <= MAX_HEADER_BYTES:
+        known = _decode_known_shm(raw_topic, raw_header, shm, t_receive_ns)
+        if known is not None:
+            return known
     try:
         topic = raw_topic.decode()
     except UnicodeDecodeError:
@@ -402,14 +404,17 @@ def decode(parts: Sequence[Buffer], t_receive_ns: int = 0,
     if kind == "prediction":
         return _decode_prediction(header, stream, seq, payload, t_receive_ns)
 
-    # Only a header with its payload inline can match a layout the fast path remembers.
+    # A header with its payload inline, or in shared memory as `ShmWriter.wrap` writes it,
+    # can match a layout the fast paths remember.
     inline = len(payload) == 1
+    shm_header = None
     if not inline:
         if not payload and "shm" in header:
             if shm is None:
                 raise ProtocolError("shm_unsupported", f"{_where(kind, stream)} is in shared "
                                     "memory, and this receiver reads none")
-            payload = (shm.resolve(header["shm"], _where(kind, stream)),)
+            shm_header = header["shm"]
+            payload = (shm.resolve(shm_header, _where(kind, stream)),)
         else:
             _expect_parts(payload, 1, kind, stream)
     dtype_name = header.get("dtype")
@@ -423,9 +428,8 @@ def decode(parts: Sequence[Buffer], t_receive_ns: int = 0,
         if dtype_name != "uint8" or array.ndim != 3 or array.shape[2] != channels:
             raise ProtocolError("bad_shape", f"{_where(kind, stream)} is {dtype_name} "
                                 f"{list(array.shape)}, {encoding} needs uint8 [H, W, {channels}]")
-        if inline:
-            _remember(raw_header, _layout(kind, stream, dtype_name, array.shape, encoding), seq,
-                      t_capture_ns)
+        _remember(raw_header, _layout(kind, stream, dtype_name, array.shape, encoding),
+                  inline, shm_header, seq, t_capture_ns)
         return Frame(stream, seq, t_capture_ns, array, str(encoding), t_receive_ns)
     if kind == "audio":
         if dtype_name not in ("int16", "float32") or array.ndim != 2:
@@ -433,9 +437,8 @@ def decode(parts: Sequence[Buffer], t_receive_ns: int = 0,
                                 f"{list(array.shape)}, needs int16 or float32 [n, channels]")
         sample_rate = _int_field(header, "sample_rate", 1)
         sample_index = _int_field(header, "sample_index", 0)
-        if inline:
-            _remember(raw_header, _layout(kind, stream, dtype_name, array.shape, sample_rate), seq,
-                      t_capture_ns, sample_index)
+        _remember(raw_header, _layout(kind, stream, dtype_name, array.shape, sample_rate),
+                  inline, shm_header, seq, t_capture_ns, sample_index)
         return AudioChunk(stream, seq, t_capture_ns, sample_rate, sample_index, array,
                           t_receive_ns)
     # joints
@@ -447,31 +450,75 @@ def decode(parts: Sequence[Buffer], t_receive_ns: int = 0,
         raise ProtocolError("bad_shape", f"{_where(kind, stream)} is {dtype_name} "
                             f"{list(array.shape)}, needs float64 [3, {len(names)}] for "
                             f"{len(names)} names")
-    if inline:
-        _remember(raw_header, _layout(kind, stream, dtype_name, array.shape, tuple(names)), seq,
-                  t_capture_ns)
+    _remember(raw_header, _layout(kind, stream, dtype_name, array.shape, tuple(names)),
+              inline, shm_header, seq, t_capture_ns)
     return JointState(stream, seq, t_capture_ns, tuple(names), array[0], array[1], array[2],
                       t_receive_ns)
 
 
-# Fast path. A header written by `encode` for a stream is a constant prefix followed by int64
-# fields at fixed offsets (see _Layout). Once a header has passed full validation and is
-# byte-identical to what `encode` writes for that message, its layout is remembered. A later
-# header equal to a remembered prefix plus the same fixed-width suffix can only differ in
-# those integers, so checking them and the payload size is the full validation; anything
+# Fast paths. A header written by `encode` for a stream is a constant prefix followed by
+# int64 fields at fixed offsets (see _Layout). Once a header has passed full validation and
+# is byte-identical to what `encode` writes for that message, its layout is remembered. A
+# later header equal to a remembered prefix plus the same fixed-width suffix can only differ
+# in those integers, so checking them and the payload size is the full validation; anything
 # else, including every error, takes the full path. This halves decode time, which is most
-# of the protocol's cost over raw pyzmq for small messages.
+# of the protocol's cost over raw pyzmq for small messages. A header `ShmWriter.wrap` moved
+# into shared memory has, after that, one constant part per ring and four more fixed-width
+# integers (fusion_node.shm.shm_entry); it is remembered per topic, with its segment.
 _KNOWN: dict[bytes, _Layout] = {}
+_KNOWN_SHM: dict[bytes, tuple[_Layout, bytes, bytes, str]] = {}
 
 
-def _remember(raw_header: memoryview, layout: _Layout, seq: int, t_capture_ns: int,
-              sample_index: int = 0) -> None:
-    if layout.prefix in _KNOWN or raw_header != _header(layout, seq, t_capture_ns,
-                                                          sample_index):
-        return
-    if len(_KNOWN) >= _MAX_LAYOUTS:
-        _KNOWN.clear()
-    _KNOWN[layout.prefix] = layout
+def _remember(raw_header: memoryview, layout: _Layout, inline: bool, shm_header: Any,
+              seq: int, t_capture_ns: int, sample_index: int = 0) -> None:
+    if inline:
+        if layout.prefix in _KNOWN or raw_header != _header(layout, seq, t_capture_ns,
+                                                              sample_index):
+            return
+        if len(_KNOWN) >= _MAX_LAYOUTS:
+            _KNOWN.clear()
+        _KNOWN[layout.prefix] = layout
+    elif shm_header is not None and layout.prefix[0] < 0x8F:  # as resolved by ShmReader
+        segment = shm_header["segment"]
+        known = _KNOWN_SHM.get(layout.topic)
+        if known is not None and known[0] is layout and known[3] == segment:
+            return
+        prefix = bytes((layout.prefix[0] + 1,)) + layout.prefix[1:]
+        entry_prefix = shm_entry_prefix(segment)
+        expected = (prefix + _header(layout, seq, t_capture_ns, sample_index)[len(prefix):]
+                    + shm_entry(entry_prefix, shm_header["slot"], shm_header["generation"],
+                                shm_header["offset"], shm_header["length"]))
+        if raw_header != expected:
+            return
+        if len(_KNOWN_SHM) >= _MAX_LAYOUTS:
+            _KNOWN_SHM.clear()
+        _KNOWN_SHM[layout.topic] = (layout, prefix, entry_prefix, segment)
+
+
+def _decode_known_shm(raw_topic: bytes, raw_header: memoryview, shm: ShmReader,
+                      t_receive_ns: int) -> Message | None:
+    """Decode a shared-memory header that matches a remembered layout and segment, or
+    return None. Resolving the slot may raise, as on the full path."""
+    known = _KNOWN_SHM.get(raw_topic)
+    if known is None:
+        return None
+    layout, prefix, entry_prefix, segment = known
+    raw = bytes(raw_header)
+    fields_end = len(prefix) + layout.suffix.size
+    if not (raw.startswith(prefix) and raw.startswith(entry_prefix, fields_end)):
+        return None
+    ints = shm_ints(raw, fields_end + len(entry_prefix))
+    if ints is None:
+        return None
+    fields = layout.suffix.unpack_from(raw, len(prefix))
+    if (fields[0] != _SEQ_KEY or fields[2] != _T_CAPTURE_KEY or fields[1] < 0
+            or ints[3] != layout.nbytes):
+        return None
+    if layout.kind == "audio" and (fields[4] != _SAMPLE_INDEX_KEY or fields[5] < 0):
+        return None
+    buf = shm.resolve_slot(segment, *ints, _where(layout.kind, layout.stream))
+    return _message_of(layout, fields, np.ndarray(layout.shape, layout.dtype, buf),
+                       t_receive_ns)
 
 
 def _decode_known(raw_topic: bytes, raw_header: memoryview, part: Buffer,
@@ -492,12 +539,18 @@ def _decode_known(raw_topic: bytes, raw_header: memoryview, part: Buffer,
     buf = _view(part)
     if buf.nbytes != layout.nbytes:
         return None
-    array = np.ndarray(layout.shape, layout.dtype, buf.toreadonly())
+    if layout.kind == "audio" and (fields[4] != _SAMPLE_INDEX_KEY or fields[5] < 0):
+        return None
+    return _message_of(layout, fields, np.ndarray(layout.shape, layout.dtype, buf.toreadonly()),
+                       t_receive_ns)
+
+
+def _message_of(layout: _Layout, fields: tuple[Any, ...], array: np.ndarray,
+                t_receive_ns: int) -> Message:
+    """The message a remembered layout's header describes; `fields` are its suffix's."""
     if layout.kind == "frame":
         return Frame(layout.stream, fields[1], fields[3], array, layout.extra, t_receive_ns)
     if layout.kind == "audio":
-        if fields[4] != _SAMPLE_INDEX_KEY or fields[5] < 0:
-            return None
         return AudioChunk(layout.stream, fields[1], fields[3], layout.extra, fields[5], array,
                           t_receive_ns)
     return JointState(layout.stream, fields[1], fields[3], layout.extra, array[0], array[1],

@@ -144,6 +144,7 @@ class _Ring:
         # to the array, the finalizer that gives the slot back when the array is dropped).
         self.loans: dict[int, tuple[int, weakref.ref, weakref.finalize]] = {}
         self.closed = False
+        self.entry_prefix = shm_entry_prefix(name)
 
     def take(self, now_ns: int) -> int | None:
         """A slot free to write: the oldest expired one, else a fresh one, else None."""
@@ -284,9 +285,7 @@ class ShmWriter:
                     return parts
                 generation, offset = ring.write(slot, payload, now_ns)
             self.sent += 1
-        return [parts[0], _with_shm(header, {
-            "segment": ring.name, "slot": slot, "generation": generation, "offset": offset,
-            "length": payload.nbytes})]
+        return [parts[0], _with_shm(header, ring, slot, generation, offset, payload.nbytes)]
 
     def loan(self, topic: bytes, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
         """A writable array in a free slot for a message on `topic`, or None if all are
@@ -354,15 +353,50 @@ def _single_array_kind(header: bytes) -> bool:
             or b"\xa4kind\xa6joints" in header)
 
 
-_SHM_KEY = msgpack.packb("shm")
+# The `shm` entry `wrap` appends to a header: a part constant per ring (the key, a 5-entry
+# map header, the segment name), then slot, generation, offset and length as msgpack int64
+# (0xd3 and 8 big-endian bytes) at fixed offsets. A receiver that has fully validated one
+# such header of a stream reads the next ones with one struct unpack (protocol.decode).
+_SHM_INTS = struct.Struct(">6sq12sq8sq8sq")
+_SLOT_KEY, _GENERATION_KEY = b"\xa4slot\xd3", b"\xaageneration\xd3"
+_OFFSET_KEY, _LENGTH_KEY = b"\xa6offset\xd3", b"\xa6length\xd3"
+SHM_INTS_SIZE = _SHM_INTS.size
 
 
-def _with_shm(raw: bytes, shm: dict[str, Any]) -> bytes:
+def shm_entry_prefix(segment: str) -> bytes:
+    """The constant start of the `shm` entry `wrap` writes for `segment`."""
+    return (msgpack.packb("shm") + b"\x85" + msgpack.packb("segment")
+            + msgpack.packb(segment))
+
+
+def shm_entry(prefix: bytes, slot: int, generation: int, offset: int, length: int) -> bytes:
+    """The `shm` key and map, as `wrap` writes it after the constant `prefix`."""
+    return prefix + _SHM_INTS.pack(_SLOT_KEY, slot, _GENERATION_KEY, generation, _OFFSET_KEY,
+                                   offset, _LENGTH_KEY, length)
+
+
+def shm_ints(raw: bytes, start: int) -> tuple[int, int, int, int] | None:
+    """(slot, generation, offset, length) if `raw[start:]` is exactly the fixed-width tail of
+    a `shm_entry`, else None."""
+    if len(raw) - start != _SHM_INTS.size:
+        return None
+    slot_key, slot, generation_key, generation, offset_key, offset, length_key, length = (
+        _SHM_INTS.unpack_from(raw, start))
+    if (slot_key != _SLOT_KEY or generation_key != _GENERATION_KEY
+            or offset_key != _OFFSET_KEY or length_key != _LENGTH_KEY):
+        return None
+    return slot, generation, offset, length
+
+
+def _with_shm(raw: bytes, ring: _Ring, slot: int, generation: int, offset: int,
+              length: int) -> bytes:
     """The msgpack map `raw` with one more key, `shm`."""
     if 0x80 <= raw[0] < 0x8F:  # fixmap with room for one more key: bump the count
-        return bytes((raw[0] + 1,)) + raw[1:] + _SHM_KEY + msgpack.packb(shm)
+        return (bytes((raw[0] + 1,)) + raw[1:]
+                + shm_entry(ring.entry_prefix, slot, generation, offset, length))
     decoded = msgpack.unpackb(raw, raw=False)
-    decoded["shm"] = shm
+    decoded["shm"] = {"segment": ring.name, "slot": slot, "generation": generation,
+                      "offset": offset, "length": length}
     return msgpack.packb(decoded, use_bin_type=True)
 
 
@@ -442,16 +476,23 @@ class ShmReader:
         name = shm.get("segment")
         slot, generation = shm.get("slot"), shm.get("generation")
         offset, length = shm.get("offset"), shm.get("length")
-        # Spelled out, not looped: this runs once per frame in a freshly woken thread. Only
-        # a new segment's name needs the pattern test: mapped names have passed it.
-        mapped = self._mapped.get(name) if type(name) is str else None
-        if not (type(slot) is int and type(generation) is int and type(offset) is int
-                and type(length) is int and 0 <= slot < 2**63 and 0 <= generation < 2**63
-                and 0 <= offset < 2**63 and 0 <= length < 2**63) or (
-                mapped is None and (type(name) is not str or _NAME.match(name) is None)):
+        if not (type(name) is str and type(slot) is int and type(generation) is int
+                and type(offset) is int and type(length) is int):
             raise ProtocolError("bad_shm", f"{where} shm {shm!r} needs a fusion-node segment "
                                 "name and non-negative int slot, generation, offset, length")
-        assert type(name) is str
+        return self.resolve_slot(name, slot, generation, offset, length, where)
+
+    def resolve_slot(self, name: str, slot: int, generation: int, offset: int, length: int,
+                     where: str) -> memoryview:
+        """`resolve` for fields already known to be a str and four ints."""
+        # Spelled out, not looped: this runs once per frame in a freshly woken thread. Only
+        # a new segment's name needs the pattern test: mapped names have passed it.
+        mapped = self._mapped.get(name)
+        if not (0 <= slot < 2**63 and 0 <= generation < 2**63 and 0 <= offset < 2**63
+                and 0 <= length < 2**63) or (mapped is None and _NAME.match(name) is None):
+            raise ProtocolError("bad_shm", f"{where} shm segment {name!r} slot {slot} "
+                                f"generation {generation} offset {offset} length {length}: "
+                                "needs a fusion-node segment name and non-negative ints")
         if mapped is None:
             # A new segment often means a publisher restarted and reclaimed its old one:
             # unmap segments that are gone, or a restarting camera pins a dead ring each time.

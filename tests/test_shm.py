@@ -28,6 +28,8 @@ from fusion_node.shm import (
     in_shared_memory,
     reclaim_stale_segments,
     segment_names,
+    shm_entry,
+    shm_entry_prefix,
 )
 from fusion_node.transport import Publisher, Subscriber
 
@@ -257,6 +259,49 @@ def test_corrupt_shm_header_is_rejected_with_a_reason(
     with pytest.raises(ProtocolError) as exc:
         decode(with_shm(parts, **changes), 0, reader)
     assert exc.value.reason == reason
+
+
+def as_wrapped(parts: list, seq: int = 7, **changes: object) -> list:
+    """`parts` with fields changed but in the exact byte layout `ShmWriter.wrap` writes."""
+    header = msgpack.unpackb(parts[1])
+    shm = {**header["shm"], **changes}
+    layout = bytes(encode(Frame(header["stream"], seq, header["t_capture_ns"],
+                                expected_image(7)))[1])
+    raw = (bytes((layout[0] + 1,)) + layout[1:] + shm_entry(
+        shm_entry_prefix(shm["segment"]), shm["slot"], shm["generation"], shm["offset"],
+        shm["length"]))
+    return [parts[0], raw]
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"slot": 4}, "shm_out_of_range"),
+    ({"slot": 2**40}, "shm_out_of_range"),
+    ({"offset": 0}, "shm_out_of_range"),
+    ({"length": 1 << 30}, "shm_out_of_range"),
+    ({"generation": 4}, "stale_generation"),
+    ({"generation": 1}, "stale_generation"),
+    ({"segment": "fusion-node-shm-1-1-999999999"}, "shm_missing"),
+    ({"slot": -1}, "bad_shm"),
+    ({"offset": -4096}, "bad_shm"),
+    ({"seq": -1}, "bad_field"),
+])
+def test_corrupt_header_in_the_remembered_layout_is_rejected_too(
+        shm_message: tuple[ShmWriter, list], changes: dict, reason: str) -> None:
+    """Once a stream's shared-memory layout is remembered, the next headers are read at fixed
+    offsets: altered values in that exact layout must fail as on the full path."""
+    _, parts = shm_message
+    assert bytes(parts[1]) == as_wrapped(parts)[1]  # the helper writes what wrap writes
+    reader = ShmReader()
+    for _ in range(2):  # full path, then the remembered layout: the same frame
+        frame = decode(parts, 0, reader)
+        assert (frame.seq, frame.t_capture_ns) == (7, 123)
+        np.testing.assert_array_equal(frame.image, expected_image(7))
+        assert reader.last_lease is not None and reader.last_lease.valid()
+    seq = changes.pop("seq", 7)
+    with pytest.raises(ProtocolError) as exc:
+        decode(as_wrapped(parts, seq, **changes), 0, reader)
+    assert exc.value.reason == reason
+    assert decode(parts, 0, reader).seq == 7  # and the intact one still decodes
 
 
 def test_shm_header_not_a_map_and_receiver_without_shm(

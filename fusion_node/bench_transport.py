@@ -17,7 +17,8 @@ receiver adds 60-90 µs per message on the 2-core machines this was planned on).
 A second part (`run_frame_bench`, the result's `frames`) compares, interleaved, raw pyzmq,
 ours and the shared-memory path (fusion_node.shm) for 640x480x3 and 1280x720x3 frames, to
 one and to three subscriber processes: one-way latency of paced frames, and throughput of
-back-to-back bursts.
+back-to-back bursts. Beside them, `floor` sends raw pyzmq's header alone: the wake-ups that
+any path signalling through ZeroMQ pays, below which no shared-memory path can go.
 
 Run `python -m fusion_node.bench_transport` (or `fusion-node bench transport --json`); it
 prints one JSON object.
@@ -201,8 +202,10 @@ class _Receiver:
 
 FRAME_SHAPES = {"640x480x3": (480, 640, 3), "1280x720x3": (720, 1280, 3)}
 # shm: `Publisher.send` of an existing array (one copy into the ring, timed); shm_loan: the
-# producer fills a loaned slot before stamping, as the camera driver's decoder does.
-FRAME_PATHS = ("raw", "ours", "shm", "shm_loan")
+# producer fills a loaned slot before stamping, as the camera driver's decoder does;
+# floor: raw pyzmq's topic and 24-byte header alone, no payload: what any path that signals
+# through ZeroMQ costs at least (thread wake-ups), the shared-memory paths' lower bound.
+FRAME_PATHS = ("raw", "ours", "shm", "shm_loan", "floor")
 FRAME_SUBSCRIBERS = (1, 3)
 # Paced so that three receivers on two cores keep up: latency, not queueing.
 FRAME_INTERVALS_US = {"640x480x3": 3000, "1280x720x3": 6000}
@@ -219,7 +222,7 @@ BURST_WARMUP_ROUNDS = 1
 # frames ~2 s and uses the default lease (fusion_node.shm).
 BENCH_SHM = ShmConfig(slots=2 * BURST_FRAMES, lease_ms=100)
 _FRAME_TOPIC = {"raw": b"raw.frame", "ours": b"camera.ours", "shm": b"camera.shm",
-                "shm_loan": b"camera.loan"}
+                "shm_loan": b"camera.loan", "floor": b"raw.floor"}
 _PATH_OF_TOPIC = {topic: path for path, topic in _FRAME_TOPIC.items()}
 _BURST_END = b"bench.burst"
 _FRAME_HEADER = struct.Struct("<qqq")  # seq, t_send_ns, size index
@@ -253,6 +256,9 @@ def _frame_sender_blocking(endpoint: str, ack_endpoint: str, subscribers: int, c
         if path == "raw":
             socket.send_multipart([_FRAME_TOPIC["raw"], _FRAME_HEADER.pack(seq, t_ns, index),
                                    image], copy=False)
+            return
+        if path == "floor":
+            socket.send_multipart([_FRAME_TOPIC["floor"], _FRAME_HEADER.pack(seq, t_ns, index)])
             return
         parts = encode(Frame(_FRAME_TOPIC[path].decode(), seq, t_ns, image))
         socket.send_multipart(parts if path == "ours" else writer.wrap(parts), copy=False)
@@ -327,9 +333,10 @@ def _frame_receiver_blocking(endpoint: str, ack_endpoint: str, warmup: int,
             parts = socket.recv_multipart(copy=False)
             topic = parts[0].bytes
             path = _PATH_OF_TOPIC.get(topic)
-            if path == "raw":
+            if path in ("raw", "floor"):
                 seq, t_send_ns, index = _FRAME_HEADER.unpack_from(parts[1].buffer)
-                np.frombuffer(parts[2], np.uint8).reshape(shapes[index])
+                if path == "raw":
+                    np.frombuffer(parts[2], np.uint8).reshape(shapes[index])
                 t_recv_ns = time.monotonic_ns()
                 label = labels[index]
             elif path is not None:

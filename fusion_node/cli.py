@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--inputs", type=int, default=1_000_000,
                        help="protocol decoder inputs (fuzz)")
     bench.add_argument("--seconds", type=float, default=20.0,
-                       help="seconds for each file loader: launch, calibration, mcap (fuzz)")
+                       help="seconds for each other target: shm, launch, calibration, "
+                            "mcap (fuzz)")
     bench.add_argument("--seed", type=int, default=0, help="mutation seed (fuzz)")
     bench.add_argument("--minutes", type=float, default=30.0,
                        help="minutes of the default node under injected faults (soak)")

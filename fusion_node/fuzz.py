@@ -1,9 +1,12 @@
 """`fusion-node bench fuzz`: mutation fuzzing of everything that reads untrusted input.
 
-Four targets, each fed mutated copies of valid inputs:
+Five targets, each fed mutated copies of valid inputs:
   protocol     `protocol.decode` of multipart messages of every kind (bit flips, byte
                insertions and deletions, truncation, part-count changes, msgpack type
                confusion inside the header, huge declared sizes, payloads resized to match);
+  shm          the same for frame, audio and joints messages whose payload is in shared
+               memory, decoded through a `ShmReader` (headers pointing anywhere in or past
+               real rings);
   launch       `config.parse_config` of mutated launch files (launch/*.toml, the default);
   calibration  `calibration.load_calibration` of a mutated calibration.yaml + camera_info;
   mcap         the log readers (`log_info`, `recover`, `LogReader` with `config_from_log`)
@@ -55,10 +58,11 @@ from fusion_node.protocol import (
     decode,
     encode,
 )
+from fusion_node.shm import ShmConfig, ShmReader, ShmWriter
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_LOG = REPO / "tests" / "data" / "sample.mcap"
-TARGETS = ("protocol", "launch", "calibration", "mcap")
+TARGETS = ("protocol", "shm", "launch", "calibration", "mcap")
 _CORPUS_LIMIT = 256  # per target: inputs that found a new outcome, mutated further
 
 
@@ -440,9 +444,9 @@ def _encoded(msg: Any) -> list[bytes]:
     return [bytes(part) for part in encode(msg)]
 
 
-def run_protocol(parts: Sequence[bytes]) -> list[Exception]:
+def run_protocol(parts: Sequence[bytes], shm: ShmReader | None = None) -> list[Exception]:
     """Decode; an accepted message must encode and decode back to the same bytes."""
-    msg = decode(parts)
+    msg = decode(parts, 0, shm)
     try:
         once = _encoded(msg)
         twice = _encoded(decode(once))
@@ -458,12 +462,38 @@ def protocol_target() -> Target:
     return Target(
         "protocol", protocol_seeds(), mutate_parts, run_protocol, (ProtocolError,),
         dump=_framed, load=lambda data: tuple(_unframed(data)),
-        size=lambda parts: sum(map(len, parts)) + 64 * len(parts),
-        # A header's msgpack objects cost up to ~50x its bytes (8-byte pointers, small
-        # objects); arrays are views. The constant: a new layout packs its header with a fresh
-        # msgpack.Packer (a 256 KiB buffer), in decode and in the round-trip re-encode.
-        # Nothing may scale with a size the input declares.
-        alloc_limit=lambda size: 2 * 1024 * 1024 + 64 * size)
+        size=_parts_size, alloc_limit=_header_alloc_limit)
+
+
+def _parts_size(parts: Sequence[bytes]) -> int:
+    return sum(map(len, parts)) + 64 * len(parts)
+
+
+def _header_alloc_limit(size: int) -> int:
+    # A header's msgpack objects cost up to ~50x its bytes (8-byte pointers, small objects);
+    # arrays are views. The constant: a new layout packs its header with a fresh
+    # msgpack.Packer (a 256 KiB buffer), in decode and in the round-trip re-encode. Nothing
+    # may scale with a size the input declares.
+    return 2 * 1024 * 1024 + 64 * size
+
+
+def shm_target() -> Target:
+    """The protocol seeds with their arrays moved into shared-memory rings of the target's
+    own (protocol.md §10), decoded through a ShmReader as a subscriber decodes them. The
+    rings' names hold this process's pid, so unlike `protocol` the outcomes of a seeded run
+    can differ between processes. The lease outlasts any run: a mutated header, not the
+    clock, decides what is rejected."""
+    writer = ShmWriter(ShmConfig(threshold_bytes=1, slots=4, lease_ms=10**9))
+    reader = ShmReader()
+    seeds = []
+    for seed in protocol_seeds():
+        wrapped = writer.wrap(list(seed))
+        if len(wrapped) == 2:  # frames, audio and joints; predictions stay inline
+            seeds.append(tuple(bytes(part) for part in wrapped))
+    return Target(
+        "shm", seeds, mutate_parts, lambda parts: run_protocol(parts, reader),
+        (ProtocolError,), dump=_framed, load=lambda data: tuple(_unframed(data)),
+        size=_parts_size, alloc_limit=_header_alloc_limit, close=writer.close)
 
 
 # -- launch files ---------------------------------------------------------------------------
@@ -706,7 +736,7 @@ def mcap_target() -> Target:
 
 
 TARGET_BUILDERS: dict[str, Callable[[], Target]] = {
-    "protocol": protocol_target, "launch": launch_target,
+    "protocol": protocol_target, "shm": shm_target, "launch": launch_target,
     "calibration": calibration_target, "mcap": mcap_target}
 
 
@@ -842,7 +872,8 @@ def fuzz_target(target: Target, *, inputs: int | None = None, seconds: float | N
 def run_fuzz_bench(inputs: int = 1_000_000, seconds: float = 20.0, seed: int = 0,
                    targets: Sequence[str] = TARGETS, memory_inputs: int = 20_000,
                    crash_dir: str | None = None) -> dict[str, Any]:
-    """`fusion-node bench fuzz`: `inputs` decoder inputs, `seconds` for each file loader."""
+    """`fusion-node bench fuzz`: `inputs` decoder inputs, `seconds` for each other target
+    (shared-memory headers and the file loaders)."""
     if crash_dir is None:
         crash_dir = os.path.join(tempfile.gettempdir(), "fusion-node-fuzz-crashes")
     unknown = sorted(set(targets) - set(TARGETS))

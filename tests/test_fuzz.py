@@ -226,7 +226,8 @@ def test_mutated_and_truncated_logs_raise_only_replay_error(mcap, seed: int,
 
 # -- bounded mutation runs ------------------------------------------------------------------
 
-BOUNDED_INPUTS = {"protocol": 20_000, "launch": 1_000, "calibration": 150, "mcap": 120}
+BOUNDED_INPUTS = {"protocol": 20_000, "shm": 5_000, "launch": 1_000, "calibration": 150,
+                  "mcap": 120}
 
 
 @pytest.mark.parametrize("name", TARGETS)

@@ -466,7 +466,9 @@ def decode(parts: Sequence[Buffer], t_receive_ns: int = 0,
 # into shared memory has, after that, one constant part per ring and four more fixed-width
 # integers (fusion_node.shm.shm_entry); it is remembered per topic, with its segment.
 _KNOWN: dict[bytes, _Layout] = {}
-_KNOWN_SHM: dict[bytes, tuple[_Layout, bytes, bytes, str]] = {}
+# topic -> (layout, its prefix with one more map entry, the shm entry's constant part,
+# segment, the stream's name in errors)
+_KNOWN_SHM: dict[bytes, tuple[_Layout, bytes, bytes, str, str]] = {}
 
 
 def _remember(raw_header: memoryview, layout: _Layout, inline: bool, shm_header: Any,
@@ -492,7 +494,8 @@ def _remember(raw_header: memoryview, layout: _Layout, inline: bool, shm_header:
             return
         if len(_KNOWN_SHM) >= _MAX_LAYOUTS:
             _KNOWN_SHM.clear()
-        _KNOWN_SHM[layout.topic] = (layout, prefix, entry_prefix, segment)
+        _KNOWN_SHM[layout.topic] = (layout, prefix, entry_prefix, segment,
+                                    _where(layout.kind, layout.stream))
 
 
 def _decode_known_shm(raw_topic: bytes, raw_header: memoryview, shm: ShmReader,
@@ -502,7 +505,7 @@ def _decode_known_shm(raw_topic: bytes, raw_header: memoryview, shm: ShmReader,
     known = _KNOWN_SHM.get(raw_topic)
     if known is None:
         return None
-    layout, prefix, entry_prefix, segment = known
+    layout, prefix, entry_prefix, segment, where = known
     raw = bytes(raw_header)
     fields_end = len(prefix) + layout.suffix.size
     if not (raw.startswith(prefix) and raw.startswith(entry_prefix, fields_end)):
@@ -516,7 +519,7 @@ def _decode_known_shm(raw_topic: bytes, raw_header: memoryview, shm: ShmReader,
         return None
     if layout.kind == "audio" and (fields[4] != _SAMPLE_INDEX_KEY or fields[5] < 0):
         return None
-    buf = shm.resolve_slot(segment, *ints, _where(layout.kind, layout.stream))
+    buf = shm.resolve_slot(segment, *ints, where)
     return _message_of(layout, fields, np.ndarray(layout.shape, layout.dtype, buf),
                        t_receive_ns)
 

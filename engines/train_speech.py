@@ -6,7 +6,9 @@
 Clips are generated on the fly by a worker process (`engines.speech_corpus`, train split)
 while the model trains on one thread; the model is selected on the validation split (unseen
 voices, phrases, babble and appearances) and written as ONNX plus its torch weights (`.pt`).
-Deterministic from --seed: the data of step k depends only on the seed and k.
+The data of step k is drawn from the seed and k alone. The runs are not bit-identical: the
+rendered audio of a few clips was found to differ between two runs of the same command (the
+video and labels did not), so retraining gives close, not identical, weights.
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ def curriculum(batch_index: int, ramp_batches: int, rng: np.random.Generator
                ) -> dict[str, object]:
     """Noise for one clip: mostly clean and mild at first, down to -12 dB SNR after
     `ramp_batches`. From noisy audio alone the model learns nothing at the start, and
-    with the lips to lean on it would never learn to listen."""
+    with the lips to lean on it would never learn to listen. 30% of clips stay clean: with
+    15%, most of the model's errors on clean audio were lips read wrongly overruling a
+    word heard rightly."""
     progress = min(1.0, batch_index / max(1, ramp_batches))
-    if rng.random() < 0.5 - 0.35 * progress:
+    if rng.random() < 0.5 - 0.2 * progress:
         return {"clean": True}
     return {"clean": False, "snr_db": float(rng.uniform(20 - 32 * progress, 20))}
 

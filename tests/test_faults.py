@@ -329,9 +329,10 @@ async def test_wall_clock_jumps_change_nothing(tmp_path, monkeypatch):
     for topic, grid, name, latency_ns in (("pred.speech", SPEECH_GRID, "speech", 40 * MS),
                                           ("pred.action", ACTION_GRID, "action", 30 * MS)):
         predictions = collector.on(topic)
-        # (The first tick can fall on a jump instant: both grids are whole milliseconds.)
-        assert predictions[0].t_ref_ns <= jump_instants[0] < jump_instants[-1] \
-            < predictions[-1].t_ref_ns
+        # The engines ticked across the jumps. (A loaded machine can start the first tick
+        # after the first jump, and a tick can fall on one: both grids are whole ms.)
+        assert sum(predictions[0].t_ref_ns <= t <= predictions[-1].t_ref_ns
+                   for t in jump_instants) >= 2
         assert_ticking(predictions, grid, final["engines"][name])
         assert all(p.t_publish_ns >= p.deadline_ns == p.t_ref_ns + latency_ns
                    for p in predictions)

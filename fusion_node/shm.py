@@ -249,6 +249,7 @@ class ShmWriter:
         self.fallbacks = 0  # large payloads sent plainly: every slot was still leased
         # Re-entrant: a dropped loan gives its slot back from whatever code drops it.
         self._lock = threading.RLock()
+        self._closed = False
         self.reclaimed = reclaim_stale_segments()
         # Segments must not outlive the process even if close() is never called.
         self._names: set[str] = set()
@@ -294,6 +295,8 @@ class ShmWriter:
         send); one dropped without being sent gives its slot back."""
         nbytes = math.prod(shape) * dtype.itemsize
         with self._lock:
+            if self._closed:  # a producer thread still running after the publisher closed
+                return None
             ring = self._ring(topic, nbytes)
             slot = ring.take(self._clock_ns())
             if slot is None:  # the producer writes a plain array; `wrap` counts a fallback
@@ -339,11 +342,14 @@ class ShmWriter:
         return sorted(ring.name for ring in self._rings.values())
 
     def close(self) -> None:
-        """Unlink every segment; subscribers' existing mappings stay readable."""
-        for ring in self._rings.values():
-            ring.close()
-        self._rings.clear()
-        self._finalizer()
+        """Unlink every segment; subscribers' existing mappings stay readable. Later loans
+        get None, so a producer thread that outlives the publisher makes no new segment."""
+        with self._lock:
+            self._closed = True
+            for ring in self._rings.values():
+                ring.close()
+            self._rings.clear()
+            self._finalizer()
 
 
 def _single_array_kind(header: bytes) -> bool:

@@ -454,3 +454,12 @@ def test_reader_unmaps_the_segments_of_a_restarted_publisher() -> None:
     assert not set(old) & set(reader._mapped)
     assert set(second_writer.segments) <= set(reader._mapped)
     second_writer.close()
+
+
+def test_a_loan_after_close_makes_no_new_segment() -> None:
+    # A camera's render thread can still ask for a slot while its publisher shuts down.
+    writer = ShmWriter(ShmConfig(slots=2))
+    assert writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8)) is not None
+    writer.close()
+    assert writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8)) is None
+    assert segment_names(os.getpid()) == []

@@ -1,7 +1,9 @@
 """Face and lip landmarks from camera frames, for the live mouth region.
 
-Two MediaPipe 0.10.21 models (Apache-2.0, see engines/models/face/README.md), run by
-OpenCV's own TFLite importer so the node needs neither mediapipe nor a TFLite runtime:
+Two MediaPipe 0.10.21 models (Apache-2.0, see engines/models/face/README.md), converted
+from TFLite to ONNX by `training/face_onnx.py` and run on the engine backends (ONNX Runtime
+on the CPU; TensorRT can take them over on a GPU), so the node needs neither mediapipe nor a
+TFLite runtime, and no OpenCV DNN engine flag that a release can take away:
 
 - `face_detection_short_range.tflite` (BlazeFace, 128x128, faces within about 2 m): 896
   anchor-relative boxes with 6 keypoints each, decoded and merged as MediaPipe's face
@@ -24,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from engines.backends import create_engine
 from fusion_node.errors import EngineError
 
 ENCODINGS = ("rgb8", "bgr8")
@@ -41,8 +44,13 @@ KEYPOINT_RIGHT_EYE, KEYPOINT_LEFT_EYE = 0, 1
 
 
 def default_model_dir() -> Path:
-    """The folder holding the two bundled .tflite files."""
+    """The folder holding the two bundled models (.tflite sources and their .onnx)."""
     return Path(str(resources.files("engines") / "models" / "face"))
+
+
+def onnx_name(tflite_name: str) -> str:
+    """The ONNX file converted from one of the .tflite files."""
+    return str(Path(tflite_name).with_suffix(".onnx"))
 
 
 @dataclass(frozen=True)
@@ -151,28 +159,31 @@ def check_image(image: np.ndarray, encoding: str) -> None:
 
 
 class FaceLandmarker:
-    """Face detector + 468-point face-mesh landmark model on one frame (CPU, OpenCV DNN).
+    """Face detector + 468-point face-mesh landmark model on one frame.
 
+    `backend` picks the engine backend as for any engine ("auto": TensorRT where usable,
+    else ONNX Runtime).
     Not thread-safe: one instance per engine worker thread.
     """
 
     def __init__(self, model_dir: Path | str | None = None, min_detection_score: float = 0.5,
                  min_presence: float = 0.5, nms_iou: float = 0.3,
-                 crop_scale: float = 1.5) -> None:
+                 crop_scale: float = 1.5, backend: str = "auto") -> None:
         model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-        for name in (DETECTOR_FILE, LANDMARK_FILE):
-            if not (model_dir / name).is_file():
-                raise EngineError(f"face landmarker: model file {model_dir / name} not found")
+        paths = [model_dir / onnx_name(name) for name in (DETECTOR_FILE, LANDMARK_FILE)]
+        for path in paths:
+            if not path.is_file():
+                raise EngineError(f"face landmarker: model file {path} not found (made by "
+                                  "`python -m training.face_onnx`)")
         if not 0 < min_detection_score < 1 or not 0 < min_presence < 1:
             raise EngineError(f"face landmarker: thresholds must lie in (0, 1), got "
                               f"min_detection_score={min_detection_score} "
                               f"min_presence={min_presence}")
-        # The classic engine: OpenCV 5's new engine exposes only one of each model's two
-        # outputs (the detector's scores and the landmark model's presence are lost).
-        self._detector = cv2.dnn.readNetFromTFLite(str(model_dir / DETECTOR_FILE),
-                                                   engine=cv2.dnn.ENGINE_CLASSIC)
-        self._landmarker = cv2.dnn.readNetFromTFLite(str(model_dir / LANDMARK_FILE),
-                                                     engine=cv2.dnn.ENGINE_CLASSIC)
+        # fp32: the landmark model's sub-pixel regression is what the mouth crop rests on.
+        self._detector = create_engine(paths[0], backend=backend, name="face_detector",
+                                       precision="fp32")
+        self._landmarker = create_engine(paths[1], backend=backend, name="face_landmarks",
+                                         precision="fp32")
         self._anchors = _anchors()
         self.min_detection_score = min_detection_score
         self.min_presence = min_presence
@@ -195,8 +206,8 @@ class FaceLandmarker:
         # The detector was trained on [-1, 1] inputs; padding is black (-1).
         canvas[...] = -1.0
         canvas[pad_y:pad_y + new_h, pad_x:pad_x + new_w] = small * np.float32(2 / 255) - 1
-        self._detector.setInput(canvas.transpose(2, 0, 1)[None].copy())
-        regressors, scores = self._detector.forward(["regressors", "classificators"])
+        outputs = self._detector.infer({"input": canvas.transpose(2, 0, 1)[None].copy()})
+        regressors, scores = outputs["regressors"], outputs["classificators"]
         # MediaPipe's score clipping; float64 so exp(100) does not overflow.
         logits = np.clip(scores.reshape(-1).astype(np.float64), -100, 100)
         probability = 1 / (1 + np.exp(-logits))
@@ -255,8 +266,8 @@ class FaceLandmarker:
         if encoding == "bgr8":
             crop = cv2.cvtColor(crop, cv2.COLOR_BGR2RGB)
         blob = crop.transpose(2, 0, 1)[None].astype(np.float32) * np.float32(1 / 255)
-        self._landmarker.setInput(blob)
-        presence_logit, raw = self._landmarker.forward(["conv2d_31", "conv2d_21"])
+        outputs = self._landmarker.infer({"input_1": blob})
+        presence_logit, raw = outputs["conv2d_31"], outputs["conv2d_21"]
         presence = float(1 / (1 + math.exp(-float(np.clip(presence_logit.item(), -100, 100)))))
         if presence < self.min_presence:
             return None

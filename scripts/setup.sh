@@ -2,19 +2,21 @@
 # Set up fusion-node on a fresh machine: system libraries, a virtual environment, the package.
 #   scripts/setup.sh          runtime only (what `fusion-node run` needs)
 #   scripts/setup.sh --test   plus torch and the test tools
+# Python packages come from the lock (requirements/*.txt, exact versions with their hashes),
+# never from whatever the registries serve today: `bash scripts/lock.sh` regenerates it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+lock=requirements/runtime.txt
+[ "${1:-}" = "--test" ] && lock=requirements/test.txt
 
 # System packages, installed only when missing. PortAudio backs the microphone driver;
 # jemalloc is the node's allocator (fusion_node/allocator.py). The tests also build the C++
 # example subscriber (libzmq, cppzmq, msgpack-c headers).
 packages="libportaudio2 libjemalloc2"
-[ -n "$extras" ] && packages="$packages g++ libzmq3-dev cppzmq-dev libmsgpack-cxx-dev"
+[ "$lock" = requirements/test.txt ] && packages="$packages g++ libzmq3-dev cppzmq-dev libmsgpack-cxx-dev"
 # espeak-ng (GPL-3, a test-time tool only) speaks the speech of the Silero VAD test.
-[ -n "$extras" ] && packages="$packages espeak-ng"
+[ "$lock" = requirements/test.txt ] && packages="$packages espeak-ng"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
@@ -31,11 +33,16 @@ fi
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+# --no-deps: the lock names every package already; nothing outside it may slip in.
+"${pip[@]}" --require-hashes --no-deps -r "$lock"
+# The project itself, built with the locked setuptools instead of a fresh download.
+"${pip[@]}" --no-deps --no-build-isolation -e .
+# A venv set up before (or for the other lock) may hold packages this lock does not name.
+extras=$(.venv/bin/python scripts/lockcheck.py --extras "$lock")
 if [ -n "$extras" ]; then
-    # Silero VAD's ONNX model (MIT) for the engine-spec test. The wheel declares torch as a
-    # dependency, which its ONNX model does not need: --no-deps keeps pip from replacing the
-    # pinned CPU torch with another build.
-    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "silero-vad==6.2.3"
+    # shellcheck disable=SC2086
+    .venv/bin/python -m pip uninstall -q -y $extras
 fi
+.venv/bin/python scripts/lockcheck.py "$lock" \
+    || { echo "setup: the environment does not match $lock" >&2; exit 1; }

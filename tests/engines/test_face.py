@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 
 from engines.face import (
+    DETECTOR_FILE,
+    LANDMARK_FILE,
     FaceLandmarker,
     FaceRegion,
     MouthTracker,
     default_model_dir,
+    onnx_name,
 )
 from engines.preprocess import mouth_crop
 from fusion_node.alignment import AudioSpan, FrameStack, Window
@@ -47,6 +50,33 @@ def test_bundled_models_are_the_documented_files():
         digest = hashlib.sha256((default_model_dir() / name).read_bytes()).hexdigest()
         assert digest in readme, name
     assert "Apache License" in (default_model_dir() / "LICENSE").read_text()
+
+
+def test_shipped_onnx_models_are_what_the_converter_makes_of_the_tflite_files():
+    face_onnx = pytest.importorskip("training.face_onnx")
+    for name in (DETECTOR_FILE, LANDMARK_FILE):
+        converted = face_onnx.convert(default_model_dir() / name).SerializeToString()
+        shipped = (default_model_dir() / onnx_name(name)).read_bytes()
+        assert converted == shipped, f"{onnx_name(name)}: python -m training.face_onnx " \
+                                     "--out engines/models/face --force"
+
+
+def test_converter_refuses_a_file_that_is_not_tflite():
+    face_onnx = pytest.importorskip("training.face_onnx")
+    with pytest.raises(face_onnx.ConversionError, match="not a TFLite flatbuffer"):
+        face_onnx.convert(REPO / "engines" / "models" / "speech.onnx")
+
+
+def test_converter_never_overwrites_without_force(tmp_path, capsys):
+    face_onnx = pytest.importorskip("training.face_onnx")
+    assert face_onnx.main(["--out", str(tmp_path)]) == 0
+    before = (tmp_path / onnx_name(DETECTOR_FILE)).read_bytes()
+    (tmp_path / onnx_name(DETECTOR_FILE)).write_bytes(b"mine")
+    assert face_onnx.main(["--out", str(tmp_path)]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / onnx_name(DETECTOR_FILE)).read_bytes() == b"mine"
+    assert face_onnx.main(["--out", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / onnx_name(DETECTOR_FILE)).read_bytes() == before
 
 
 def test_detector_finds_the_one_face(landmarker, astronaut):

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -80,9 +82,27 @@ async def _serve(args: argparse.Namespace, config: dict[str, Any]) -> None:
         context.term()
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:
+    """Have the kernel send SIGTERM when the process that started this driver dies (a node
+    killed with SIGKILL): an orphaned driver would keep its device open and publish into
+    nothing. The usual SIGTERM path then disconnects the driver cleanly."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor's SIGTERM still applies
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     args = _parse_args(argv)
+    _stop_with_parent()
     try:
         asyncio.run(_serve(args, _parse_config(args.config)))
     except asyncio.CancelledError:

@@ -14,7 +14,7 @@ import numpy as np
 
 from engines.base import Engine
 from engines.cache import EngineCache
-from fusion_node.errors import ConfigError, EngineError
+from fusion_node.errors import LOAD_FAILURES, ConfigError, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ def tensorrt_unavailable(precision: str = "fp32") -> str | None:
     """Why TensorRT cannot build a `precision` engine here, or None if it can."""
     try:
         from engines import tensorrt_backend
-    except (ImportError, OSError) as exc:  # OSError: bindings present, libraries missing
-        return f"tensorrt does not import ({exc})"
+    except LOAD_FAILURES as exc:  # OSError: bindings present, libraries missing
+        return f"tensorrt does not import ({type(exc).__name__}: {exc})"
     return tensorrt_backend.unavailable(precision)
 
 
@@ -70,7 +70,7 @@ def create_engine(
     if chosen == "tensorrt":
         try:
             from engines.tensorrt_backend import TensorRTEngine
-        except (ImportError, OSError) as exc:
+        except LOAD_FAILURES as exc:
             raise EngineError(f"engine {name or path}: backend 'tensorrt' asked for, but "
                               f"tensorrt does not import ({exc})") from exc
         return TensorRTEngine(path, name, precision=precision, input_shapes=input_shapes,

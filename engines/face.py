@@ -184,6 +184,7 @@ class FaceLandmarker:
                                        precision="fp32")
         self._landmarker = create_engine(paths[1], backend=backend, name="face_landmarks",
                                          precision="fp32")
+        self.backend: str = self._detector.backend
         self._anchors = _anchors()
         self.min_detection_score = min_detection_score
         self.min_presence = min_presence

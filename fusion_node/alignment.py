@@ -3,6 +3,12 @@
 `AlignmentBuffer.window(t_ref_ns, spec)` is pure with respect to the samples held: the same
 set of samples gives the same window whatever order they arrived in. Rings are ordered by
 (capture time, seq), bounded, and drop the oldest sample when full (counted).
+
+Any connected source may publish on any stream, so nothing it sends may stick: a sample
+stamped more than `max_future_ns` after its receipt is refused (`too_new`), or a full ring
+of far-future samples would outlive every good one (they are never the oldest) and refuse
+them all as `too_old`; and a jump in `seq` (a restarted sender, or a bogus 2^63 - 1) counts
+as one restart, not as 10^18 lost samples, and the count goes on from the new value.
 """
 
 from __future__ import annotations
@@ -19,6 +25,12 @@ from fusion_node.protocol import AudioChunk, Frame, JointState, Message
 
 # The same sample delivered twice (a republished log, a reconnect) is dropped, not stored.
 _Key = tuple[int, int]
+# A sample may be stamped this far after its receipt (a remote clock's mapping error, a
+# calibrated delay): local drivers stamp at capture, before receipt, so 0 would do for them.
+DEFAULT_MAX_FUTURE_NS = 200_000_000
+# A seq step larger than this, either way, is a restart of the sender, not lost samples:
+# 2^20 is over 8 minutes of a 2 kHz stream.
+_SEQ_JUMP = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -116,14 +128,17 @@ class Window:
 @dataclass
 class StreamStats:
     """Per-stream counters. `evicted` is normal rotation of a full ring; samples actually
-    lost are `too_old` (arrived older than anything kept), `seq_gaps` (lost upstream) and
-    `duplicates` (delivered twice, kept once)."""
+    lost are `too_old` (arrived older than anything kept), `too_new` (stamped further in the
+    future than the buffer allows), `seq_gaps` (lost upstream) and `duplicates` (delivered
+    twice, kept once). `seq_restarts` counts jumps in seq too large to be losses."""
 
     received: int = 0
     evicted: int = 0
     duplicates: int = 0
     too_old: int = 0
+    too_new: int = 0
     seq_gaps: int = 0
+    seq_restarts: int = 0
     last_seq: int = -1
     last_capture_ns: int = 0
 
@@ -200,13 +215,31 @@ class _SampleRing:
         return out, valid
 
 
-class AlignmentBuffer:
-    """Thread-safe: a receiver thread pushes while engine threads take windows."""
+def _note_seq(stats: StreamStats, seq: int) -> None:
+    """Count the samples lost upstream between the last seq and this one."""
+    step = seq - stats.last_seq
+    if stats.last_seq < 0:
+        stats.last_seq = seq
+    elif abs(step) > _SEQ_JUMP:
+        stats.seq_restarts += 1
+        stats.last_seq = seq
+    elif step > 0:
+        stats.seq_gaps += step - 1
+        stats.last_seq = seq
 
-    def __init__(self, capacities: dict[str, int]) -> None:
+
+class AlignmentBuffer:
+    """Thread-safe: a receiver thread pushes while engine threads take windows.
+
+    `max_future_ns`: how far after its receipt (`t_receive_ns`) a sample may be stamped. A
+    message never received (`t_receive_ns` 0: made in this process) is not checked."""
+
+    def __init__(self, capacities: dict[str, int],
+                 max_future_ns: int = DEFAULT_MAX_FUTURE_NS) -> None:
         self._rings = {stream: _Ring(capacity) for stream, capacity in capacities.items()}
         self.stats = {stream: StreamStats() for stream in capacities}
         self.unknown_streams: Counter[str] = Counter()
+        self.max_future_ns = max_future_ns
         self._lock = threading.Lock()
 
     @property
@@ -214,15 +247,17 @@ class AlignmentBuffer:
         return tuple(self._rings)
 
     def push(self, msg: Message) -> bool:
-        """Store a sample; False if it was dropped (unknown stream, duplicate, too old)."""
-        stored, _evicted = self._store(msg)
+        """Store a sample; False if it was dropped (unknown stream, duplicate, too old or
+        too new)."""
+        stored, _evicted = self._store(msg, msg.t_receive_ns)
         return stored  # the evicted sample is released here, after the lock
 
-    def _store(self, msg: Message) -> tuple[bool, Message | None]:
-        """Store a sample; (stored, the sample it evicted). The caller releases the evicted
-        sample after its locks: it may hold the last reference to a restarted camera's dead
-        ring, and unmapping that takes ~30 ms in the kernel, during which every engine
-        cutting a window waited for the lock."""
+    def _store(self, msg: Message, received_ns: int) -> tuple[bool, Message | None]:
+        """Store a sample received at `received_ns` (0: not checked against the future
+        bound); (stored, the sample it evicted). The caller releases the evicted sample after
+        its locks: it may hold the last reference to a restarted camera's dead ring, and
+        unmapping that takes ~30 ms in the kernel, during which every engine cutting a window
+        waited for the lock."""
         ring = self._rings.get(msg.stream)
         if ring is None:
             self.unknown_streams[msg.stream] += 1
@@ -232,9 +267,10 @@ class AlignmentBuffer:
         evicted: Message | None = None
         with self._lock:
             stats.received += 1
-            if stats.last_seq >= 0 and msg.seq > stats.last_seq + 1:
-                stats.seq_gaps += msg.seq - stats.last_seq - 1
-            stats.last_seq = max(stats.last_seq, msg.seq)
+            if received_ns and msg.t_capture_ns - received_ns > self.max_future_ns:
+                stats.too_new += 1
+                return False, None
+            _note_seq(stats, msg.seq)
             stats.last_capture_ns = max(stats.last_capture_ns, msg.t_capture_ns)
             index = bisect.bisect_left(ring.keys, key)
             if index < len(ring.keys) and ring.keys[index] == key:

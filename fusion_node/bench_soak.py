@@ -10,8 +10,11 @@ clock of every process jumps by an hour back and forth all along.
 Each cycle injects, in turn: the camera driver killed (restarted with back-off); the joint
 source stalled 1 s (its process stopped, then continued); a microphone overrun (200 ms
 lost); a publisher flooding 10x the arm's rate for 4 s; the speech engine raising for half a
-second; the action engine hanging past its timeout. A prediction whose t_ref lies in a fault
-or the second after it counts as "during faults".
+second; the action engine hanging past its timeout; an outside publisher truncating,
+rewriting and unlinking shared-memory rings under the node (`shm_attack`); an outside
+publisher stamping 520 joint states of the arm's stream a day ahead, then one with seq
+2^63 - 1 (`future`). A prediction whose t_ref lies in a fault or the second after it counts
+as "during faults".
 
 Figures: messages in and out, drops by reason, deadline misses (during and outside faults),
 publish-time jitter, the node's garbage-collector pauses, RSS at start and end (and its growth per hour, fitted over the run
@@ -40,6 +43,7 @@ from fusion_node.clock import MonotonicClock
 from fusion_node.config import RecordConfig, StreamConfig, load_config
 from fusion_node.errors import EngineError
 from fusion_node.faults import (
+    ATTACK_PROBE,
     FaultyEngine,
     WallClockJumps,
     fault_process_argv,
@@ -52,17 +56,17 @@ from fusion_node.node import Node
 
 _NS_PER_S = 1_000_000_000
 _WARM_UP_S = 8.0
-_CYCLE_S = 50.0
+_CYCLE_S = 60.0
 # Offsets of each fault within a cycle (s); every one is over well before the next.
-_CAMERA_AT_S, _STALL_AT_S, _OVERRUN_AT_S, _FLOOD_AT_S, _RAISE_AT_S, _HANG_AT_S = (
-    3.0, 10.0, 17.0, 24.0, 32.0, 40.0)
+(_CAMERA_AT_S, _STALL_AT_S, _OVERRUN_AT_S, _FLOOD_AT_S, _RAISE_AT_S, _HANG_AT_S,
+ _SHM_ATTACK_AT_S, _FUTURE_AT_S) = (3.0, 10.0, 17.0, 24.0, 32.0, 40.0, 46.0, 53.0)
 _STALL_S = 1.0
 _OVERRUN_LOST_MS = 200.0
 _FLOOD_S = 4.0
 _FLOOD_RATE_HZ = 2000.0  # 10x the simulated arm's 200 Hz
 _RAISE_TICKS = 15  # half a second of the speech engine's 30 Hz
 _HANG_EXTRA_S = 0.5  # the action engine hangs this long past its inference timeout
-FAULTS = ("camera", "stall", "overrun", "flood", "raise", "hang")
+FAULTS = ("camera", "stall", "overrun", "flood", "raise", "hang", "shm_attack", "future")
 _RECOVERY_S = 1.0  # a fault's window extends this long after it ends
 _WALL_JUMP_PERIOD_NS = 7 * _NS_PER_S
 _SUBSCRIBER_GRACE_S = 2.0
@@ -180,6 +184,8 @@ class _Soak:
         self.flood_sent = 0
         mic_endpoint = f"ipc://{tmp}/mic.ipc"
         self.flood_endpoint = f"ipc://{tmp}/flood.ipc"
+        self.attack_endpoint = f"ipc://{tmp}/attack.ipc"
+        self.attacks: dict[str, dict[str, int]] = {}
         config = load_config()
         self.config = dataclasses.replace(
             config, pub="tcp://127.0.0.1:*",
@@ -187,7 +193,7 @@ class _Soak:
             drivers=tuple(d for d in config.drivers if d.stream != "audio.mic0"),
             streams=(StreamConfig("audio.mic0", "audio", 256),
                      StreamConfig("joints.aux", "joints", 512)),
-            connect=(mic_endpoint, self.flood_endpoint),
+            connect=(mic_endpoint, self.flood_endpoint, self.attack_endpoint),
             record=RecordConfig(path=str(tmp / "soak.mcap")))
         overruns = ",".join(f"{_WARM_UP_S + k * _CYCLE_S + _OVERRUN_AT_S}:{_OVERRUN_LOST_MS}"
                             for k in range(self._cycles())) if "overrun" in faults else ""
@@ -197,8 +203,8 @@ class _Soak:
     def _cycles(self) -> int:
         return max(1, int((self.duration_s - _WARM_UP_S) // _CYCLE_S) + 1)
 
-    def _start(self, kind: str, *args: str) -> subprocess.Popen[str]:
-        process = subprocess.Popen(fault_process_argv(kind, *args), text=True,
+    def _start(self, kind: str, *args: str, stdin: int | None = None) -> subprocess.Popen[str]:
+        process = subprocess.Popen(fault_process_argv(kind, *args), text=True, stdin=stdin,
                                    stdout=subprocess.PIPE)
         self.processes.append(process)
         return process
@@ -257,7 +263,8 @@ class _Soak:
             cycle_ns = start_ns + round((_WARM_UP_S + k * _CYCLE_S) * _NS_PER_S)
             steps = [(_CAMERA_AT_S, self._camera), (_STALL_AT_S, self._stall),
                      (_FLOOD_AT_S, self._flood), (_RAISE_AT_S, self._raise),
-                     (_HANG_AT_S, self._hang)]
+                     (_HANG_AT_S, self._hang), (_SHM_ATTACK_AT_S, self._shm_attack),
+                     (_FUTURE_AT_S, self._future)]
             for at_s, step in steps:
                 if step.__name__.lstrip("_") not in self.fault_kinds:
                     continue
@@ -318,6 +325,29 @@ class _Soak:
         await self._until(lambda: not runner.hang_status(self.clock.now_ns())["inferring_ms"],
                           "the action engine back")
         self.faults.add("engine_hung", start_ns, self.clock.now_ns())
+
+    async def _attack(self, node: Node, kind: str, fault: str, stream: str,
+                      *args: str) -> None:
+        """Run an outside attacker once the node hears its probes; add up its summary."""
+        start_ns = self.clock.now_ns()
+        heard = node.buffer.unknown_streams[ATTACK_PROBE]
+        process = self._start(kind, "--stream", stream, "--endpoint", self.attack_endpoint,
+                              *args, stdin=subprocess.PIPE)
+        await self._until(lambda: node.buffer.unknown_streams[ATTACK_PROBE] > heard,
+                          f"the {kind} attacker's probes")
+        stdout, _ = await asyncio.to_thread(process.communicate, "go\n", _FAULT_TIMEOUT_S)
+        self.processes.remove(process)
+        for key, value in json.loads(stdout).items():
+            if isinstance(value, int) and not key.endswith("_ns"):
+                self.attacks.setdefault(fault, {}).setdefault(key, 0)
+                self.attacks[fault][key] += value
+        self.faults.add(fault, start_ns, self.clock.now_ns())
+
+    async def _shm_attack(self, node: Node, *_: Any) -> None:
+        await self._attack(node, "shm-attack", "shm_attack", "camera.front")
+
+    async def _future(self, node: Node, *_: Any) -> None:
+        await self._attack(node, "future-stamps", "future_stamps", "joints.arm")
 
     def stop_processes(self) -> dict[str, Any]:
         self.microphone.terminate()
@@ -456,10 +486,12 @@ def _figures(soak: _Soak, node: Node, subscribers: list[dict[str, Any]], start_n
             "out_total": node.publisher.sent, "out_predictions": predictions,
             "out_health": node.publisher.sent - predictions,
             "flood_sent": soak.flood_sent,
+            "attacks": soak.attacks,
         },
         "drops": {
             "streams": {s: {k: streams[s].get(k, 0) for k in (
-                "evicted", "too_old", "duplicates", "seq_gaps", "sample_gaps", "gap_samples")}
+                "evicted", "too_old", "too_new", "duplicates", "seq_gaps", "seq_restarts",
+                "sample_gaps", "gap_samples")}
                 for s in sensors},
             "microphone_driver": microphone,
             "engines": {n: {k: e[k] for k in ("missing_required", "errors", "timeouts",

@@ -34,7 +34,7 @@ from fusion_node.alignment import (
     VideoInput,
     Window,
 )
-from fusion_node.errors import ConfigError, EngineError
+from fusion_node.errors import LOAD_FAILURES, ConfigError, EngineError, load_failure
 from fusion_node.protocol import Frame, Prediction
 
 SPEECH_SAMPLE_RATE = 16_000
@@ -44,6 +44,9 @@ SPEECH_VIDEO_PERIOD_NS = 40_000_000  # the model sees mouth video at 25 fps
 ACTION_HORIZON = 20
 ACTION_STEP_NS = 20_000_000
 ACTION_JOINTS = 3
+
+FACE_REMEDY = ("the face models are engines/models/face/*.onnx, run on ONNX Runtime "
+               "(`python -m training.face_onnx` remakes them); or give mouth_roi as [x, y, w, h]")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -95,20 +98,32 @@ class SpeechBinding:
         self._blank = np.zeros((48, 48), np.float32)
         # Returned (and cached) for frames where no face is found; identity marks them invalid.
         self._no_face = np.zeros((48, 48), np.float32)
+        # Frames the landmarker found a mouth in, or not (each frame is converted once).
+        self.mouth_found = self.mouth_missed = 0
+        self._tracking = mouth_roi == "landmarks"
         if mouth_roi == "landmarks":
-            from engines.face import MouthTracker  # loads two models: only when asked for
+            try:  # two models on the engine backends: loaded only when asked for
+                from engines.face import MouthTracker
 
-            tracker = MouthTracker()
+                tracker = MouthTracker()
+            except LOAD_FAILURES as exc:
+                raise load_failure("speech binding: mouth_roi = 'landmarks': the face "
+                                   "landmarker", exc, FACE_REMEDY) from None
 
             def tracked_crop(frame: Frame) -> np.ndarray:
                 # The cache converts each frame once, in capture order, as tracking needs.
                 roi = tracker(frame.image, frame.encoding)
-                if roi is None:
-                    return self._no_face
-                try:
-                    return mouth_crop(frame.image, frame.encoding, roi)
-                except EngineError:  # the mouth lies wholly outside the frame
-                    return self._no_face
+                crop = self._no_face
+                if roi is not None:
+                    try:
+                        crop = mouth_crop(frame.image, frame.encoding, roi)
+                    except EngineError:  # the mouth lies wholly outside the frame
+                        pass
+                if crop is self._no_face:
+                    self.mouth_missed += 1
+                else:
+                    self.mouth_found += 1
+                return crop
 
             self._crop = _FrameCache(tracked_crop)
         elif isinstance(mouth_roi, str):
@@ -117,6 +132,12 @@ class SpeechBinding:
         else:
             fixed_roi = mouth_roi
             self._crop = _FrameCache(lambda f: mouth_crop(f.image, f.encoding, fixed_roi))
+
+    def health(self) -> dict[str, Any]:
+        """For node.health: how often the landmarker found the mouth."""
+        if not self._tracking:
+            return {}
+        return {"mouth_landmarks": {"found": self.mouth_found, "missed": self.mouth_missed}}
 
     def feeds(self, window: Window) -> dict[str, np.ndarray]:
         span: AudioSpan = window.data[self.audio_stream]

@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="mutation seed (fuzz)")
     bench.add_argument("--minutes", type=float, default=30.0,
                        help="minutes of the default node under injected faults (soak)")
-    bench.add_argument("--faults", default="camera,stall,overrun,flood,raise,hang",
+    bench.add_argument("--faults",
+                       default="camera,stall,overrun,flood,raise,hang,shm_attack,future",
                        help="comma-separated faults the soak injects (soak; to find which "
                        "one a figure comes from)")
     bench.add_argument("--plot", metavar="DIR", help="also write PNG plots and the JSON "
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fusion_node.cli_eval import add_eval_parser
 
     add_eval_parser(commands)
+    from fusion_node.cli_check import add_check_parser
+
+    add_check_parser(commands)
     return parser
 
 
@@ -266,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
 
             report = run_eval_command(args)
             print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+        elif args.command == "check":
+            from fusion_node.cli_check import run_check_command
+
+            print(json.dumps(run_check_command(args), indent=2))
         elif args.command == "view":
             from fusion_node.cli_view import run_view_command
 

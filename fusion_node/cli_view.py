@@ -15,7 +15,9 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from fusion_node.errors import ConfigError
+from fusion_node.errors import LOAD_FAILURES, ConfigError, load_failure
+
+VIEW_REMEDY = "install the `view` extra: pip install 'fusion-node[view]'"
 
 # The viewer shares the robot computer with the node: on two cores, lowering its priority
 # keeps it from taking CPU the node's threads are waiting for.
@@ -89,9 +91,8 @@ def run_view_command(args: argparse.Namespace) -> dict[str, Any]:
                           "ahead of the node)")
     try:
         from fusion_node import viewer
-    except ImportError as exc:
-        raise ConfigError(f"view needs rerun-sdk ({exc}); install the `view` extra: "
-                          "pip install 'fusion-node[view]'") from None
+    except LOAD_FAILURES as exc:
+        raise load_failure("view: rerun-sdk", exc, VIEW_REMEDY) from None
     if args.nice:
         os.nice(args.nice)
     config = load_config(args.config) if args.config else None

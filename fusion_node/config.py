@@ -14,6 +14,7 @@ from typing import Any
 from drivers.registry import check_driver_config
 from engines.backends import BACKENDS, PRECISIONS
 from engines.spec import load_spec_table, parse_spec
+from fusion_node.alignment import DEFAULT_MAX_FUTURE_NS
 from fusion_node.errors import ConfigError
 from fusion_node.supervisor import RestartPolicy
 from fusion_node.tables import Table
@@ -104,6 +105,8 @@ class NodeConfig:
     # files it admits; required to bind or connect beyond loopback. Absolute paths.
     server_secret_key: str | None = None
     allowed_clients: str | None = None
+    # How far after its receipt a sample may be stamped before it is refused (`too_new`).
+    max_future_ns: int = DEFAULT_MAX_FUTURE_NS
 
     def capacities(self) -> dict[str, int]:
         capacities = {d.stream: d.capacity for d in self.drivers}
@@ -247,7 +250,11 @@ def _parse_config(text: str, source: str) -> NodeConfig:
         record=_record(root.get("record", dict, None)),
         calibration=node.get("calibration", str, None),
         server_secret_key=node.get("server_secret_key", str, None),
-        allowed_clients=node.get("allowed_clients", str, None))
+        allowed_clients=node.get("allowed_clients", str, None),
+        max_future_ns=node.ms("max_future_ms", DEFAULT_MAX_FUTURE_NS / 1e6))
+    if config.max_future_ns < 0:
+        raise ConfigError(f"{source}: node.max_future_ms = {config.max_future_ns / 1e6} must "
+                          "be >= 0")
     node.done()
     root.done()
     streams = ([d.stream for d in drivers] + [e.topic for e in engines]

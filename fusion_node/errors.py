@@ -44,3 +44,14 @@ class ReplayError(FusionError):
 
 class CalibrationError(FusionError):
     """A calibration file, or the data a calibration is estimated from, is unusable."""
+
+
+# What an optional part's import or load raises when it is missing or of another version:
+# not installed, a shared library absent, or an attribute a release removed (OpenCV 5.1's
+# cv2.dnn.ENGINE_CLASSIC, TensorRT 8's IProgressMonitor).
+LOAD_FAILURES = (ImportError, OSError, AttributeError)
+
+
+def load_failure(part: str, exc: BaseException, remedy: str) -> ConfigError:
+    """One line naming the optional part that cannot load, why, and what to do."""
+    return ConfigError(f"{part} cannot load ({type(exc).__name__}: {exc}); {remedy}")

@@ -8,12 +8,20 @@ sockets that misbehave the way hardware and software do on a robot.
   are lost inside the device and the next callback carries the input-overflow flag.
 - `joints`: a robot controller publishing joint states at any rate (10x for a flood), with
   stalls on a schedule.
+- `shm-attack`: a publisher that abuses shared memory: a ring it truncates under the node
+  (an unsealed file, as protocol.md §10 forbids), and a genuine sealed ring it tries to
+  truncate, rewrites with garbage and unlinks.
+- `future-stamps`: a publisher that stamps joint states a day ahead (more than the ring
+  holds) and sends a seq of 2^63 - 1, on a stream another source also publishes.
 - `FaultyEngine`: wraps a loaded engine so a test can make it raise or hang.
 - Wall-clock jumps: `time.time()` jumping in this process and in child processes (through a
   `sitecustomize` module), to show the node never reads the wall clock.
 
 Run the processes as `python -m fusion_node.faults KIND ...`; each prints a JSON summary of
-what it did on exit (SIGTERM or SIGINT stop it cleanly).
+what it did on exit (SIGTERM or SIGINT stop it cleanly). The two attackers send a
+`fault.probe` health message every 10 ms until a line arrives on their standard input, so
+the caller can wait until the node is connected (it counts the probes as an unknown stream)
+before the attack starts: nothing is lost to ZeroMQ's slow joiner.
 """
 
 from __future__ import annotations
@@ -333,6 +341,157 @@ def run_joint_controller(endpoint: str, stream: str, rate_hz: float, seconds: fl
             "first_ns": start_ns, "last_ns": last_t_ns}
 
 
+# -- outside publishers that attack the node ---------------------------------------------------
+
+ATTACK_PROBE = "fault.probe"
+
+
+def _probe_until_go(publisher: Any, stop: threading.Event) -> None:
+    """Send probes until a line arrives on stdin (the caller saw the node connect)."""
+    import select
+
+    from fusion_node.protocol import Health
+
+    seq = 0
+    while not stop.is_set() and not select.select([sys.stdin], [], [], 0.01)[0]:
+        publisher.send(Health(ATTACK_PROBE, seq, time.monotonic_ns(), {}))
+        seq += 1
+    if not stop.is_set():
+        sys.stdin.readline()
+
+
+def _shm_header(stream: str, seq: int, image: Any, shm: dict[str, Any]) -> list[bytes]:
+    """The parts of a frame message whose payload an `shm` entry points at."""
+    import msgpack
+
+    from fusion_node.protocol import Frame, encode
+
+    topic, header, _ = encode(Frame(stream, seq, time.monotonic_ns(), image))
+    fields = msgpack.unpackb(bytes(header), raw=False)
+    fields["shm"] = shm
+    return [bytes(topic), msgpack.packb(fields, use_bin_type=True)]
+
+
+def run_shm_attack(endpoint: str, stream: str, stop: threading.Event) -> dict[str, Any]:
+    """Abuse shared memory from outside, as one process that may publish on an endpoint the
+    node connects to can; returns what it did.
+
+    1. An unsealed ring (a plain /dev/shm file, fusion-node's layout and name) with a frame
+       in slot 0; the header is sent, the file truncated to 0 bytes, and slot 0 named again.
+       A receiver that maps an unsealed file dies of SIGBUS here.
+    2. A genuine sealed ring (the Publisher's own): frames are sent, then it tries to
+       truncate it, rewrites its header and slot table with garbage and names slot 0 again,
+       then unlinks it and sends once more.
+    """
+    import mmap
+    import struct
+
+    import numpy as np
+    import zmq
+
+    from fusion_node import shm as shm_module
+    from fusion_node.protocol import Frame
+    from fusion_node.shm import ShmConfig
+    from fusion_node.transport import Publisher
+
+    context = zmq.Context()
+    publisher = Publisher(context, endpoint, shm=ShmConfig(slots=8, lease_ms=3000))
+    result: dict[str, Any] = {"unsealed_headers": 0, "truncate_refused": 0,
+                              "rewritten_headers": 0, "unlinked_headers": 0}
+    image = np.full((240, 320, 3), 77, np.uint8)
+    try:
+        _probe_until_go(publisher, stop)
+        # 1. An unsealed ring, truncated under whoever mapped it.
+        name = f"{shm_module.SEGMENT_PREFIX}-{os.getpid()}-0-9999"
+        path = shm_module.SHM_DIR / name
+        slot_size = -(-image.nbytes // 4096) * 4096
+        data_offset, size = 4096, 4096 + slot_size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            with mmap.mmap(fd, size) as ring:
+                struct.pack_into("<8sQQQQQ", ring, 0, b"FNSHM\x00\x00\x01", 1, slot_size,
+                                 data_offset, 3_000_000_000, size)
+                ring[data_offset:data_offset + image.nbytes] = image.tobytes()
+                struct.pack_into("<QqQ", ring, 64, 2, time.monotonic_ns(), image.nbytes)
+            entry = {"segment": name, "slot": 0, "generation": 2, "offset": data_offset,
+                     "length": image.nbytes}
+            publisher.send_parts(_shm_header(stream, 0, image, entry))
+            time.sleep(0.2)  # long enough for the receiver to map it
+            os.ftruncate(fd, 0)
+            publisher.send_parts(_shm_header(stream, 1, image, entry))
+            result["unsealed_headers"] = 2
+        finally:
+            os.close(fd)
+        time.sleep(0.2)
+        os.unlink(path)
+        # 2. A sealed ring: the same tries fail, or end in a counted rejection.
+        for seq in range(2, 6):
+            publisher.send(Frame(stream, seq, time.monotonic_ns(), image))
+            time.sleep(0.05)
+        assert publisher.shm is not None
+        link = shm_module.SHM_DIR / publisher.shm.segments[0]
+        try:
+            os.truncate(link, 0)
+        except PermissionError:
+            result["truncate_refused"] += 1
+        fd = os.open(link, os.O_RDWR)
+        try:
+            with mmap.mmap(fd, os.fstat(fd).st_size) as ring:
+                data_offset = struct.unpack_from("<8sQQQQQ", ring, 0)[3]
+                ring[0:4096] = bytes([0xA5]) * 4096  # header and slot table: garbage
+        finally:
+            os.close(fd)
+        entry = {"segment": link.name, "slot": 0, "generation": 2, "offset": data_offset,
+                 "length": image.nbytes}
+        publisher.send_parts(_shm_header(stream, 6, image, entry))
+        result["rewritten_headers"] = 1
+        time.sleep(0.1)
+        os.unlink(link)
+        publisher.send_parts(_shm_header(stream, 7, image, entry))
+        result["unlinked_headers"] = 1
+        time.sleep(0.2)  # let the last messages leave before the socket closes
+    finally:
+        publisher.close()
+        context.term()
+    return result
+
+
+def run_future_stamps(endpoint: str, stream: str, count: int, ahead_s: float,
+                      stop: threading.Event) -> dict[str, Any]:
+    """Publish `count` joint states on `stream` stamped `ahead_s` in the future, then one
+    stamped now with seq 2^63 - 1; returns what was sent."""
+    import numpy as np
+    import zmq
+
+    from drivers.simulated import JOINT_NAMES, joint_motion
+    from fusion_node.protocol import JointState
+    from fusion_node.transport import Publisher
+
+    context = zmq.Context()
+    publisher = Publisher(context, endpoint, hwm=10 * count)
+    ahead_ns = round(ahead_s * _NS_PER_S)
+    try:
+        _probe_until_go(publisher, stop)
+        start_ns = time.monotonic_ns()
+        for seq in range(count):
+            t_ns = start_ns + ahead_ns + seq * 5_000_000
+            position, velocity, effort = joint_motion(t_ns)
+            publisher.send(JointState(stream, seq, t_ns, JOINT_NAMES, position, velocity,
+                                      effort))
+        now_ns = time.monotonic_ns()
+        position, velocity, effort = joint_motion(now_ns)
+        publisher.send(JointState(stream, 2**63 - 1, now_ns, JOINT_NAMES,
+                                  np.asarray(position), np.asarray(velocity),
+                                  np.asarray(effort)))
+        time.sleep(0.2)  # let the messages leave before the socket closes
+    finally:
+        publisher.close()
+        context.term()
+    return {"future": count, "ahead_s": ahead_s, "huge_seq": 1, "first_ns": start_ns,
+            "last_ns": now_ns}
+
+
 # -- engines that raise or hang ---------------------------------------------------------------
 
 class FaultyEngine:
@@ -490,7 +649,23 @@ def main(argv: list[str] | None = None) -> int:
     joints.add_argument("--rate-hz", type=float, default=200.0)
     joints.add_argument("--seconds", type=float, required=True)
     joints.add_argument("--stalls", default="", help="AT_S:STALL_S,... after the start")
+    attack = kinds.add_parser("shm-attack", help="truncate and rewrite shared-memory rings")
+    attack.add_argument("--stream", required=True)
+    attack.add_argument("--endpoint", required=True)
+    future = kinds.add_parser("future-stamps", help="joint states stamped far in the future")
+    future.add_argument("--stream", required=True)
+    future.add_argument("--endpoint", required=True)
+    future.add_argument("--count", type=int, default=520)
+    future.add_argument("--ahead-s", type=float, default=86_400.0)
     args = parser.parse_args(argv)
+    if args.kind == "shm-attack":
+        print(json.dumps(run_shm_attack(args.endpoint, args.stream, _stop_on_signals())),
+              flush=True)
+        return 0
+    if args.kind == "future-stamps":
+        print(json.dumps(run_future_stamps(args.endpoint, args.stream, args.count,
+                                           args.ahead_s, _stop_on_signals())), flush=True)
+        return 0
     if args.kind == "camera-server":
         serve_camera(args.port, args.fps, _stop_on_signals())
         return 0

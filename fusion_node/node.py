@@ -44,6 +44,7 @@ from fusion_node.scheduling import (
     realtime_context,
 )
 from fusion_node.security import CurveServer, load_key_pair, private_directory
+from fusion_node.shm import reclaim_stale_segments
 from fusion_node.supervisor import SupervisedProcess
 from fusion_node.systemd import SystemdNotifier
 from fusion_node.transport import Publisher, Subscriber
@@ -173,15 +174,17 @@ class Node:
         self.clock = clock or MonotonicClock()
         self._context = context or realtime_context()
         self._owns_context = context is None
-        self.buffer = AlignmentBuffer(config.capacities())
+        self.buffer = AlignmentBuffer(config.capacities(), config.max_future_ns)
         if config.record is not None:
             from fusion_node.recording import RecordingBuffer
 
             # Records what enters the buffer and when windows are cut (see recording.py).
-            self.buffer = RecordingBuffer(config.capacities(), self.clock)
+            self.buffer = RecordingBuffer(config.capacities(), self.clock,
+                                          config.max_future_ns)
         self.runners: list[EngineRunner] = []
         self.publisher: DeadlinePublisher | None = None
         self.subscriber: Subscriber | None = None
+        self.reclaimed_segments: list[str] = []  # stale ring links removed at start and exit
         self.pub_endpoint = config.pub
         self.driver_processes: dict[str, SupervisedProcess] = {}
         self.driver_errors: dict[str, str] = {}
@@ -342,6 +345,9 @@ class Node:
         # products they kept a whole core spinning. Engines bring their own threads.
         blas_limit = threadpool_limits(limits=1, user_api="blas")
         self._started_ns = self.clock.now_ns()
+        # Links to the rings of processes that died (a killed node's drivers): their memory
+        # went with them, their names are cleared here, and again at exit.
+        self.reclaimed_segments = reclaim_stale_segments()
         run_dir_tmp = None
         if self.config.run_dir:
             run_dir = Path(self.config.run_dir)
@@ -431,6 +437,7 @@ class Node:
                 self._context.term()
             if run_dir_tmp is not None:
                 run_dir_tmp.cleanup()
+            self.reclaimed_segments += reclaim_stale_segments()
             blas_limit.restore_original_limits()
             sys.setswitchinterval(previous_interval)
 
@@ -482,7 +489,8 @@ class Node:
                 mapping = tracker.mapping
                 entry["clock"] = {**(mapping.summary(now) if mapping else {"mapped": False}),
                                   "unmapped": self.unmapped[stream],
-                                  "timeouts": tracker.timeouts}
+                                  "timeouts": tracker.timeouts,
+                                  "jumps": tracker.estimator.jumps}
             else:
                 # Stamped by a driver on this host's monotonic clock: no offset to estimate.
                 entry["clock"] = {"source": "local", "uncertainty_ms": 0.0}
@@ -502,7 +510,10 @@ class Node:
             "last_rejection": subscriber.last_error if subscriber else "",
             "unknown_streams": dict(self.buffer.unknown_streams),
             "engines": {r.name: {**r.stats.summary(), "priority": r.priority,
-                                 **r.hang_status(now)}
+                                 **r.hang_status(now),
+                                 # What a binding reports of itself (the speech binding: how
+                                 # often the face landmarker found the mouth).
+                                 **getattr(r.binding, "health", dict)()}
                         for r in self.runners},
             "publish_jitter": publisher.jitter_ns.summary() if publisher else {},
             "publisher_priority": publisher.priority if publisher else "",

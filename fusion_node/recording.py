@@ -48,7 +48,7 @@ from mcap.records import Channel, ChunkIndex, Schema
 from mcap.writer import CompressionType, Writer
 
 from fusion_node import __version__
-from fusion_node.alignment import AlignmentBuffer, InputSpec, Window
+from fusion_node.alignment import DEFAULT_MAX_FUTURE_NS, AlignmentBuffer, InputSpec, Window
 from fusion_node.clock import Clock, thread_cpu_ns
 from fusion_node.errors import ProtocolError, ReplayError
 from fusion_node.protocol import (
@@ -601,8 +601,9 @@ class RecordingBuffer(AlignmentBuffer):
     land on the wrong side of a cut about once per 10 s of the default robot.)
     """
 
-    def __init__(self, capacities: dict[str, int], clock: Clock) -> None:
-        super().__init__(capacities)
+    def __init__(self, capacities: dict[str, int], clock: Clock,
+                 max_future_ns: int = DEFAULT_MAX_FUTURE_NS) -> None:
+        super().__init__(capacities, max_future_ns)
         self._order = threading.Lock()
         self._clock = clock
         self._last_ns = 0
@@ -621,8 +622,10 @@ class RecordingBuffer(AlignmentBuffer):
 
     def push(self, msg: Message) -> bool:
         with self._order:
-            stored, _evicted = self._store(msg)
             t_ns = self._stamp()
+            # Checked against the log time, which a replay gives the message as its receipt:
+            # the replay refuses exactly the samples the live node refused.
+            stored, _evicted = self._store(msg, t_ns if msg.t_receive_ns else 0)
         if self._recorder is not None:  # a bounded, non-blocking queue: no disk I/O here
             self._recorder.offer(msg, log_time_ns=t_ns)
         return stored  # the evicted sample is released here, after both locks

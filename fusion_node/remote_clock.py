@@ -45,6 +45,12 @@ _SIGMAS = 3.5
 # ±100 ppm; a calibrated drift (calibration.yaml) may have moved with temperature since.
 _UNFITTED_DRIFT_BOUND = 200e-6
 _CALIBRATED_DRIFT_BOUND = 5e-6
+# A burst whose offset disagrees with the current mapping by more than the mapping's bound,
+# half its round trip and this margin is a jump of the remote clock (a reboot, a step by the
+# source's NTP): the fit restarts from that burst instead of averaging the two clocks for a
+# whole window. Meanwhile the node refuses what the stale mapping puts in the future
+# (`too_new`) and never uses what it puts in the past.
+_JUMP_MARGIN_NS = 5_000_000
 # Drift change the linear fit cannot model (temperature, ageing) while a source is silent:
 # crystal oscillators stay within about 1 ppm over minutes at a steady temperature.
 DRIFT_WANDER = 1e-6
@@ -124,17 +130,29 @@ class ClockEstimator:
         self._drift_wander = drift_wander
         self._kept: deque[Exchange] = deque()
         self.mapping: ClockMapping | None = None
+        self.jumps = 0  # times the remote clock jumped and the fit started again
 
     def add_burst(self, exchanges: list[Exchange]) -> ClockMapping | None:
         """Keep the burst's minimum-round-trip exchange and refit; the new mapping."""
         if not exchanges:
             return self.mapping
         best = min(exchanges, key=lambda e: e.rtt_ns)
+        if self.mapping is not None and self._jumped(self.mapping, best):
+            self._kept.clear()
+            self.jumps += 1
         self._kept.append(best)
         while self._kept and best.t_local_ns - self._kept[0].t_local_ns > self._window_ns:
             self._kept.popleft()
         self.mapping = self._fit(best.t_local_ns)
         return self.mapping
+
+    @staticmethod
+    def _jumped(mapping: ClockMapping, exchange: Exchange) -> bool:
+        predicted_ns = mapping.offset_ns + mapping.drift * (exchange.t_local_ns
+                                                            - mapping.t_ref_local_ns)
+        allowed_ns = (mapping.uncertainty_at_ns(exchange.t_local_ns)
+                      + max(exchange.rtt_ns, 0) / 2 + _JUMP_MARGIN_NS)
+        return abs(exchange.offset_ns - predicted_ns) > allowed_ns
 
     def _fit(self, t_ref_ns: int) -> ClockMapping:
         kept = self._kept

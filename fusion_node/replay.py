@@ -111,7 +111,9 @@ def config_from_log(path: str, metadata: dict[str, dict[str, str]]) -> NodeConfi
             startup_timeout_ns=data["startup_timeout_ns"],
             drivers=tuple(_build(DriverConfig, d) for d in data["drivers"]),
             engines=tuple(_build(EngineConfig, e) for e in data["engines"]),
-            streams=tuple(_build(StreamConfig, s) for s in data.get("streams", [])))
+            streams=tuple(_build(StreamConfig, s) for s in data.get("streams", [])),
+            # A log from before the bound replays with the default.
+            **({"max_future_ns": data["max_future_ns"]} if "max_future_ns" in data else {}))
     except (ValueError, KeyError, TypeError) as exc:
         raise ReplayError(f"{path}: the launch config stored in the log does not fit this "
                           f"version of fusion-node ({exc}); pass --config") from None
@@ -290,7 +292,7 @@ def replay_through_node(path: str, config: NodeConfig, *, out_path: str | None =
             return delivery.get((msg.stream, msg.t_ref_ns), deadline_ns)
 
         clock = ReplayClock()
-        buffer = AlignmentBuffer(config.capacities())
+        buffer = AlignmentBuffer(config.capacities(), config.max_future_ns)
         sink = _ReplaySink(delivery_ns)
         runners = build_runners(config, clock, buffer, sink)
         engine_topics = {r.topic for r in runners}

@@ -16,18 +16,28 @@ decode raises `ProtocolError("lease_expired")` or `("stale_generation")`, counte
 other rejection. Each slot carries a seqlock-style generation (odd while being written);
 `ShmLease.check()` re-reads it after use to prove the bytes were not replaced meanwhile.
 
-Segments are unlinked by `ShmWriter.close()` (and at interpreter exit); a segment left by a
-killed publisher is unlinked by the next `ShmWriter` on the host, which checks each owner's
-pid and start time in /proc.
+Sealed segments (protocol.md §10.2). A segment is a memfd whose size is sealed (it can never
+shrink or grow), reached through a symbolic link `/dev/shm/<name>` -> `/proc/<pid>/fd/<fd>`.
+A receiver refuses a segment without the shrink seal: a mapped file that its owner truncates
+kills the reader with SIGBUS the next time it touches a page past the new end, and a frame
+view is touched long after its header was checked (by the engines, the recorder). The seal is
+the only check that holds for the view's whole life. It also frees a dead publisher's memory
+by itself: the memfd goes when its last descriptor and mapping do.
+
+The links are removed by `ShmWriter.close()` (and at interpreter exit); a link left by a
+killed publisher is removed by the next `ShmWriter` on the host and by the node at start and
+exit (`reclaim_stale_segments`), which check each owner's pid and start time in /proc.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import math
 import mmap
 import os
 import re
+import stat
 import struct
 import threading
 import time
@@ -57,6 +67,7 @@ _PAGE = 4096
 _MAX_SLOTS = 4096
 _SEGMENT_NUMBERS = itertools.count()
 _MAX_MAPPED = 64  # segments a reader keeps mapped; older ones are dropped (views keep theirs)
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +101,9 @@ def _start_time(pid: int) -> int | None:
 
 
 def reclaim_stale_segments() -> list[str]:
-    """Unlink segments whose owning process is gone (killed before it could clean up)."""
+    """Remove segments whose owning process is gone (killed before it could clean up)."""
     reclaimed = []
-    for path in SHM_DIR.glob(f"{SEGMENT_PREFIX}-*"):
+    for path in list(SHM_DIR.glob(f"{SEGMENT_PREFIX}-*")):
         match = _NAME.match(path.name)
         if match is None:
             continue
@@ -127,12 +138,16 @@ class _Ring:
         self.lease_ns = lease_ns
         self.data_offset = -(-(_TABLE_OFFSET + slots * _SLOT_STRIDE) // _PAGE) * _PAGE
         size = self.data_offset + slots * slot_size
-        fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # Held open for the ring's life: the link in /dev/shm resolves through it.
+        self.fd = os.memfd_create(name, os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, size)  # tmpfs allocates pages on first touch only
-            self.map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+            os.ftruncate(self.fd, size)  # pages are allocated on first touch only
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
+            self.map = mmap.mmap(self.fd, size)
+            os.symlink(f"/proc/{os.getpid()}/fd/{self.fd}", SHM_DIR / name)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.buf = memoryview(self.map)
         _SEGMENT.pack_into(self.buf, 0, _MAGIC, slots, slot_size, self.data_offset, lease_ns,
                            size)
@@ -206,6 +221,7 @@ class _Ring:
 
     def close(self) -> None:
         _unlink(self.name)
+        os.close(self.fd)  # readers' mappings keep the memory until they drop it
         self.closed = True
         for _, _, finalizer in self.loans.values():
             finalizer.detach()
@@ -442,12 +458,24 @@ class _Mapped:
 
     def __init__(self, name: str) -> None:
         try:
-            fd = os.open(SHM_DIR / name, os.O_RDONLY)
-        except FileNotFoundError:
-            raise ProtocolError("shm_missing", f"shared-memory segment {name!r} does not "
-                                "exist (publisher gone?)") from None
+            # Non-blocking: a link to a FIFO must not hang the receiver in open().
+            fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ProtocolError("shm_missing", f"shared-memory segment {name!r} cannot be "
+                                f"opened ({exc.strerror}; publisher gone?)") from None
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ProtocolError("shm_missing", f"segment {name!r} is not a regular file")
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:  # a file system without seals
+                seals = 0
+            if not seals & fcntl.F_SEAL_SHRINK:
+                raise ProtocolError("shm_unsealed", f"segment {name!r} is not sealed against "
+                                    "shrinking: its owner could truncate it under the "
+                                    "receiver's mapping")
+            size = info.st_size
             if size < _TABLE_OFFSET:
                 raise ProtocolError("shm_missing", f"segment {name!r} is {size} bytes, not a "
                                     "fusion-node ring")
@@ -456,6 +484,7 @@ class _Mapped:
             os.close(fd)
         self.buf = memoryview(self.map)
         magic, slots, slot_size, data_offset, lease_ns, total = _SEGMENT.unpack_from(self.buf)
+        # Kept from now on: the owner may rewrite the header, but never the size.
         if (magic != _MAGIC or total != size or not 0 < slots <= _MAX_SLOTS
                 or data_offset < _TABLE_OFFSET + slots * _SLOT_STRIDE
                 or data_offset + slots * slot_size != size):
@@ -475,8 +504,8 @@ class ShmReader:
     def resolve(self, shm: Any, where: str) -> memoryview:
         """The payload an `shm` header map points at, as a read-only view; sets `last_lease`.
 
-        Raises `ProtocolError` with reason `bad_shm`, `shm_missing`, `shm_out_of_range`,
-        `stale_generation` or `lease_expired`."""
+        Raises `ProtocolError` with reason `bad_shm`, `shm_missing`, `shm_unsealed`,
+        `shm_out_of_range`, `stale_generation` or `lease_expired`."""
         if type(shm) is not dict:
             raise ProtocolError("bad_shm", f"{where} shm {shm!r} is not a map")
         name = shm.get("segment")

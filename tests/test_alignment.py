@@ -248,3 +248,54 @@ def test_an_evicted_frame_is_released_after_the_locks(recording):
         buffer.push(Frame("camera.front", seq, 1_000 + seq, np.zeros((4, 4, 3), np.uint8)))
     assert held_at_release == [False]
     assert buffer.stats["camera.front"].evicted == 1
+
+
+# -- input from any source is bounded ----------------------------------------------------------
+
+def received(samples: list, at_ns: int) -> list:
+    for sample in samples:
+        sample.t_receive_ns = at_ns
+    return samples
+
+
+def test_samples_stamped_past_the_future_bound_are_refused_and_the_stream_goes_on():
+    buf = buffer()
+    now_ns = 1_000 * MS
+    day_ns = 86_400 * 1_000 * MS
+    # More far-future samples than the ring holds, from a source on the same stream.
+    for sample in received(joints(520, t0=now_ns + day_ns), now_ns):
+        assert not buf.push(sample)
+    good = received(joints(600, t0=now_ns), now_ns)
+    for sample in good:
+        sample.t_receive_ns = sample.t_capture_ns + 1 * MS
+        assert buf.push(sample)
+    stats = buf.stats["joints.arm"]
+    assert stats.too_new == 520 and stats.too_old == 0
+    window = buf.window(good[-10].t_capture_ns, (JointsInput("joints.arm"),))
+    assert window.mask["joints.arm"]
+
+
+def test_the_future_bound_is_the_buffers_own_and_unstamped_messages_pass():
+    buf = AlignmentBuffer({"joints.arm": 8}, max_future_ns=10 * MS)
+    early, late = joints(2, t0=1_000 * MS)
+    early.t_receive_ns = early.t_capture_ns - 10 * MS  # exactly at the bound: kept
+    late.t_receive_ns = late.t_capture_ns - 10 * MS - 1
+    assert buf.push(early) and not buf.push(late)
+    (made_here,) = joints(1, t0=5_000 * MS)  # never received: made in this process
+    assert buf.push(made_here)
+    assert buf.stats["joints.arm"].too_new == 1
+
+
+def test_a_jump_in_seq_is_one_restart_not_a_flood_of_gaps():
+    buf = buffer()
+    samples = joints(6)
+    samples[2].seq = 2**63 - 1  # a bogus sender between two good ones
+    for sample in samples:
+        buf.push(sample)
+    stats = buf.stats["joints.arm"]
+    # There and back: two restarts; the good samples' count goes on from their own seq.
+    assert stats.seq_restarts == 2 and stats.seq_gaps == 0 and stats.last_seq == 5
+    more = joints(9)[7:]  # seqs 7, 8: one lost upstream
+    for sample in more:
+        buf.push(sample)
+    assert stats.seq_gaps == 1 and stats.seq_restarts == 2

@@ -323,3 +323,25 @@ async def _silence_the_remote(config, process, truth) -> list[tuple[str, float, 
         stop.set()
         await task
     return history
+
+
+def test_a_remote_clock_that_jumps_is_refitted_from_the_jump_not_averaged():
+    estimator = ClockEstimator()
+
+    def burst(t_local_ns: int, offset_ns: int) -> ClockMapping | None:
+        t1 = t_local_ns + 50_000 + offset_ns
+        return estimator.add_burst([Exchange(t_local_ns, t1, t1 + 10_000,
+                                             t_local_ns + 110_000)])
+
+    period_ns = 250_000_000
+    for k in range(40):  # 10 s on a steady clock, 1 s ahead
+        burst(k * period_ns, 1_000_000_000)
+    mapping = burst(40 * period_ns, 6_000_000_000)  # the source's clock jumped 5 s
+    assert estimator.jumps == 1
+    assert mapping is not None and mapping.samples == 1
+    t_local_ns = 40 * period_ns
+    assert abs(mapping.to_local_ns(t_local_ns + 6_000_000_000) - t_local_ns) < 1_000_000
+    # Steady again: no more jumps, and the fit grows from the new clock only.
+    for k in range(41, 60):
+        mapping = burst(k * period_ns, 6_000_000_000)
+    assert estimator.jumps == 1 and mapping.samples == 20

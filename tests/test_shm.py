@@ -201,10 +201,12 @@ def test_sigkilled_publisher_leaves_no_segment_after_next_start(
         publisher.proc.send_signal(signal.SIGKILL)
         publisher.proc.wait(10)
         leaked = summary["segments"]
-        assert leaked and all((SHM_DIR / name).exists() for name in leaked)
+        # The memory went with the process (a memfd); its dangling link is what is left.
+        assert leaked and all(os.path.lexists(SHM_DIR / name) for name in leaked)
+        assert not any((SHM_DIR / name).exists() for name in leaked)
         writer = ShmWriter(ShmConfig())  # the next start
         assert set(leaked) <= set(writer.reclaimed)
-        assert not any((SHM_DIR / name).exists() for name in leaked)
+        assert not any(os.path.lexists(SHM_DIR / name) for name in leaked)
         writer.close()
     finally:
         publisher.kill()
@@ -265,6 +267,34 @@ def test_corrupt_shm_header_is_rejected_with_a_reason(
     with pytest.raises(ProtocolError) as exc:
         decode(with_shm(parts, **changes), 0, reader)
     assert exc.value.reason == reason
+
+
+def test_a_ring_cannot_be_truncated_under_its_readers(
+        shm_message: tuple[ShmWriter, list]) -> None:
+    writer, parts = shm_message
+    frame = decode(parts, 0, ShmReader())
+    with pytest.raises(PermissionError):  # the kernel enforces the shrink seal
+        os.truncate(SHM_DIR / writer.segments[0], 0)
+    np.testing.assert_array_equal(frame.image, expected_image(7))
+
+
+@pytest.mark.parametrize("kind", ["unsealed file", "fifo"])
+def test_a_segment_that_could_shrink_or_block_is_refused_before_it_is_mapped(
+        shm_message: tuple[ShmWriter, list], kind: str) -> None:
+    writer, parts = shm_message
+    # A name of a live owner (ours), in fusion-node's pattern, that is not a sealed ring.
+    name = f"{writer.segments[0].rsplit('-', 1)[0]}-{10**6}"
+    path = SHM_DIR / name
+    if kind == "fifo":
+        os.mkfifo(path, 0o600)  # opening it for reading would wait for a writer
+    else:  # a plain file holding a copy of a real ring: right layout, no seal
+        path.write_bytes((SHM_DIR / writer.segments[0]).read_bytes())
+    try:
+        with pytest.raises(ProtocolError) as exc:
+            decode(with_shm(parts, segment=name), 0, ShmReader())
+        assert exc.value.reason == ("shm_unsealed" if kind != "fifo" else "shm_missing")
+    finally:
+        path.unlink()
 
 
 def as_wrapped(parts: list, seq: int = 7, **changes: object) -> list:

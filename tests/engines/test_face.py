@@ -1,5 +1,6 @@
 """Face and lip landmarks on a real photograph (scikit-image's astronaut, Eileen Collins)."""
 
+import asyncio
 import hashlib
 from pathlib import Path
 
@@ -258,3 +259,47 @@ def test_webcam_launch_file_uses_landmarks():
     assert speech.params["mouth_roi"] == "landmarks"
     binding = make_binding(speech, config)
     assert isinstance(binding, SpeechBinding)
+
+
+async def test_webcam_launch_file_with_a_video_file_finds_the_mouth(astronaut, tmp_path):
+    """launch/webcam.toml as shipped, with a video file for the webcam and a WAV file for
+    the microphone: the node's speech engine finds the mouth through the landmarker."""
+    import dataclasses
+    import wave
+
+    from tests.test_node import running
+
+    video = tmp_path / "face.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (640, 480))
+    for k in range(60):  # the face drifts a little, as a person in front of a laptop does
+        writer.write(cv2.cvtColor(camera_frame(astronaut, 64 + k % 10, k % 6),
+                                  cv2.COLOR_RGB2BGR))
+    writer.release()
+    audio = tmp_path / "room.wav"
+    with wave.open(str(audio), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16_000)
+        noise = np.random.default_rng(0).normal(0, 300, 16_000 * 2).astype(np.int16)
+        out.writeframes(noise.tobytes())
+    config = load_config(REPO / "launch" / "webcam.toml")
+    sources = {"camera": {"source": str(video), "loop": True},
+               "microphone": {"path": str(audio), "loop": True}}
+    drivers = []
+    for driver in config.drivers:
+        if driver.kind == "microphone":
+            driver = dataclasses.replace(driver, kind="wav", config=sources["microphone"])
+        elif driver.kind == "camera":
+            driver = dataclasses.replace(driver, config=sources["camera"])
+        elif driver.kind == "sim_arm":  # no node on the default port to follow
+            driver = dataclasses.replace(
+                driver, config={**driver.config, "actions": f"ipc://{tmp_path}/actions"})
+        drivers.append(driver)
+    config = dataclasses.replace(config, drivers=tuple(drivers))
+    async with running(config) as (node, collector):
+        await asyncio.sleep(3.0)
+        health = node.health()
+    mouth = health["engines"]["speech"]["mouth_landmarks"]
+    assert mouth["found"] >= 30 and mouth["missed"] <= 0.05 * mouth["found"], mouth
+    speech = collector.on("pred.speech")
+    assert len(speech) > 30 and all(p.mask["camera.front"] for p in speech[5:])

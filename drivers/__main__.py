@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ctypes
 import json
 import os
 import signal
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import zmq
@@ -23,6 +21,7 @@ from drivers.process import publish_driver
 from drivers.registry import KINDS, create_driver
 from fusion_node.clock import MonotonicClock
 from fusion_node.errors import ConfigError, DriverError
+from fusion_node.host.signals import cancel_on_signals
 from fusion_node.transport import DEFAULT_SHM, Publisher
 
 
@@ -50,20 +49,6 @@ def _parse_config(text: str) -> dict[str, Any]:
     return config
 
 
-@contextlib.contextmanager
-def _cancel_on_signals(task: asyncio.Task[Any]) -> Iterator[None]:
-    """Turn SIGTERM and SIGINT into cancelling `task`; restore the handlers afterwards."""
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        yield
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-
-
 async def _serve(args: argparse.Namespace, config: dict[str, Any]) -> None:
     driver = create_driver(args.kind, args.stream, config, MonotonicClock())
     context = zmq.Context()
@@ -74,7 +59,7 @@ async def _serve(args: argparse.Namespace, config: dict[str, Any]) -> None:
             task = asyncio.current_task()
             if task is None:  # asyncio.run always runs us in a task
                 raise RuntimeError("_serve must run in a task")
-            with _cancel_on_signals(task):
+            with cancel_on_signals(task):
                 await publish_driver(driver, publisher)
         finally:
             publisher.close()

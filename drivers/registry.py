@@ -25,11 +25,11 @@ _KINDS: dict[str, tuple[str, str, str]] = {
                    "SoundDeviceMicrophoneConfig"),
     "wav": ("drivers.microphone", "WavFileMicrophone", "WavFileMicrophoneConfig"),
     "joints_zmq": ("drivers.joints", "ZmqJointSubscriber", "ZmqJointSubscriberConfig"),
-    "sim_camera": ("drivers.simulated", "SimulatedCamera", "SimulatedCameraConfig"),
-    "sim_microphone": ("drivers.simulated", "SimulatedMicrophone",
+    "sim_camera": ("drivers.sim.simulated", "SimulatedCamera", "SimulatedCameraConfig"),
+    "sim_microphone": ("drivers.sim.simulated", "SimulatedMicrophone",
                        "SimulatedMicrophoneConfig"),
-    "sim_joints": ("drivers.simulated", "SimulatedJoints", "SimulatedJointsConfig"),
-    "sim_arm": ("drivers.sim_arm", "SimulatedArm", "SimulatedArmConfig"),
+    "sim_joints": ("drivers.sim.simulated", "SimulatedJoints", "SimulatedJointsConfig"),
+    "sim_arm": ("drivers.sim.arm_driver", "SimulatedArm", "SimulatedArmConfig"),
 }
 KINDS = tuple(_KINDS)
 

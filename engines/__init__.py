@@ -3,5 +3,5 @@
 The node imports `engines.base`, `engines.preprocess`, `engines.spec` and `engines.backends`,
 which imports the one backend module a launch file asks for (`onnxruntime_backend`,
 `tensorrt_backend`, `torch_backend`); each imports its runtime inside its own module.
-`engines.models` and `engines.export` need torch and are only for building and training models.
+`training.models` and `training.export` need torch and are only for building and training models.
 """

@@ -1,6 +1,6 @@
 """PyTorch backend: the reference engine. Eager on the CPU; on a GPU, fp16 and a CUDA graph.
 
-torch is imported here only. An ONNX file exported by `engines.export` names the torch module
+torch is imported here only. An ONNX file exported by `training.export` names the torch module
 it came from (`torch_module`, `torch_init`) and the SHA-256 of its weights, so
 `TorchEngine.from_onnx` rebuilds exactly the module the file was exported from, with trained
 weights from `MODEL.pt` beside it when there is one, and refuses weights that differ.
@@ -35,6 +35,10 @@ def weights_sha256(model: nn.Module) -> str:
         digest.update(f"{key}:{array.dtype}:{array.shape};".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+# Files exported before model making moved from engines/ to training/ name the old module.
+_MOVED_MODULES = {"engines.models": "training.models"}
 
 
 class TorchEngine:
@@ -102,8 +106,9 @@ class TorchEngine:
         target = meta.get("torch_module")
         if not target or ":" not in target:
             raise EngineError(f"engine model {path}: no torch_module in its metadata; only "
-                              "files written by engines.export can run on the torch backend")
+                              "files written by training.export can run on the torch backend")
         module_name, _, class_name = target.partition(":")
+        module_name = _MOVED_MODULES.get(module_name, module_name)
         try:
             module_cls = getattr(importlib.import_module(module_name), class_name)
             # The name comes from the model file: only a torch module class may be built

@@ -1,6 +1,6 @@
 """The command vocabulary shared by the speech model's head and the action model's input.
 
-Kept apart from `engines.models` so that code without torch (the node, decoders) can name the
+Kept apart from `training.models` so that code without torch (the node, decoders) can name the
 command classes.
 """
 

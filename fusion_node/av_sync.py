@@ -38,7 +38,7 @@ _VIDEO_SLOTS = 16
 _VIDEO_PERIOD_NS = 40_000_000  # the model sees mouth video at 25 fps
 _MAX_FRAME_AGE_NS = 2 * _VIDEO_PERIOD_NS  # as the node's speech binding: older is missing
 # How much older than its slot a frame was, on average, in the speech model's training windows
-# (engines.speech_corpus.Generator.training_windows: 70% of windows take each slot's frame
+# (training.speech_corpus.Generator.training_windows: 70% of windows take each slot's frame
 # uniformly up to a 30 fps frame period before it). The model reads a frame as showing the
 # mouth this long before its slot; the node's frames are on average half a frame period old,
 # so attributing the output to the window's end would bias the offset by the difference.
@@ -85,7 +85,7 @@ class SyncScorer:
                 or "vad_logits" not in outputs:
             raise CalibrationError(f"model {self.model!r} is not a speech model (inputs "
                                    f"{sorted(inputs)}, outputs {sorted(outputs)})")
-        # The model's own lip-to-voice delay (engines/sync_bias.py), stored in the model file;
+        # The model's own lip-to-voice delay (training/sync_bias.py), stored in the model file;
         # subtracted from every estimate.
         if bias_ms is None:
             try:
@@ -200,7 +200,7 @@ def peak_offset_ns(shifts: np.ndarray, scores: np.ndarray) -> tuple[float, float
 def recorded_mouth_roi(metadata: dict[str, dict[str, str]], video: str
                    ) -> tuple[int, int, int, int] | None:
     """The mouth ROI of the recording node's speech engine on `video`, if the log says."""
-    from fusion_node.recording import RECORDING_METADATA
+    from fusion_node.logs.mcap_format import RECORDING_METADATA
 
     config_text = metadata.get(RECORDING_METADATA, {}).get("config")
     if not config_text:
@@ -231,8 +231,8 @@ def estimate_sync_offset(path: str, audio: str | None = None, video: str | None 
     from engines.preprocess import mouth_crop
     from fusion_node.calibration import pick_stream
     from fusion_node.errors import EngineError
+    from fusion_node.logs.mcap_format import LogReader
     from fusion_node.protocol import AudioChunk, Frame
-    from fusion_node.recording import LogReader
 
     if not 0 < max_shift_ms <= 1000:
         raise CalibrationError(f"max shift {max_shift_ms} ms must be in (0, 1000]")

@@ -401,8 +401,8 @@ def estimate_av_offset(path: str, audio: str | None = None, video: str | None = 
     a flash and a beep): cross-correlate the onsets of frame brightness with those of sound
     energy over shifts up to `max_shift_ms`. Resolution: 1 ms on the audio side; on the video
     side an event is placed between frames (`_visible_onsets`)."""
+    from fusion_node.logs.mcap_format import LogReader
     from fusion_node.protocol import AudioChunk, Frame
-    from fusion_node.recording import LogReader
 
     with LogReader(path) as reader:
         all_topics = reader.topics()

@@ -25,11 +25,10 @@ import numpy as np
 import zmq
 
 from fusion_node.clock import Clock, MonotonicClock
-from fusion_node.config import DEFAULT_PUB
 from fusion_node.errors import ConfigError, ProtocolError
 from fusion_node.protocol import Message, Prediction, decode
 from fusion_node.security import ClientKeys
-from fusion_node.transport import DEFAULT_HWM
+from fusion_node.transport import DEFAULT_HWM, DEFAULT_PUB
 
 
 class Client:

@@ -16,10 +16,10 @@ from engines.backends import BACKENDS, PRECISIONS
 from engines.spec import load_spec_table, parse_spec
 from fusion_node.alignment import DEFAULT_MAX_FUTURE_NS
 from fusion_node.errors import ConfigError
-from fusion_node.supervisor import RestartPolicy
+from fusion_node.host.supervisor import RestartPolicy
 from fusion_node.tables import Table
+from fusion_node.transport import DEFAULT_PUB
 
-DEFAULT_PUB = "tcp://127.0.0.1:5599"
 # Per-kind ring sizes: about 2 s of each default stream, and ~60 MB of 640x480 frames.
 DEFAULT_CAPACITY = {"frame": 64, "audio": 256, "joints": 512, "prediction": 64}
 DRIVER_KIND_TO_SAMPLE = {

@@ -31,8 +31,11 @@ from fusion_node.calibration import Calibration, load_calibration
 from fusion_node.clock import Clock, MonotonicClock
 from fusion_node.config import EngineConfig, NodeConfig
 from fusion_node.errors import CalibrationError, ConfigError, EndOfStream, FusionError
-from fusion_node.gc_pauses import GcPauses
-from fusion_node.heap import TRIM_PERIOD_S, HeapTrimmer
+from fusion_node.host.gc_pauses import GcPauses
+from fusion_node.host.heap import TRIM_PERIOD_S, HeapTrimmer
+from fusion_node.host.supervisor import SupervisedProcess
+from fusion_node.host.systemd import SystemdNotifier
+from fusion_node.host.threads import raise_thread_niceness, realtime_context
 from fusion_node.protocol import AudioChunk, Health, Message, Prediction
 from fusion_node.remote_clock import ClockTracker
 from fusion_node.scheduling import (
@@ -40,17 +43,13 @@ from fusion_node.scheduling import (
     DeadlinePublisher,
     EngineRunner,
     PredictionSink,
-    raise_thread_niceness,
-    realtime_context,
 )
 from fusion_node.security import CurveServer, load_key_pair, private_directory
 from fusion_node.shm import reclaim_stale_segments
-from fusion_node.supervisor import SupervisedProcess
-from fusion_node.systemd import SystemdNotifier
 from fusion_node.transport import Publisher, Subscriber
 
 if TYPE_CHECKING:
-    from fusion_node.recording import Recorder
+    from fusion_node.logs.recorder import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +175,9 @@ class Node:
         self._owns_context = context is None
         self.buffer = AlignmentBuffer(config.capacities(), config.max_future_ns)
         if config.record is not None:
-            from fusion_node.recording import RecordingBuffer
+            from fusion_node.logs.recorder import RecordingBuffer
 
-            # Records what enters the buffer and when windows are cut (see recording.py).
+            # Records what enters the buffer and when windows are cut (see logs/recorder.py).
             self.buffer = RecordingBuffer(config.capacities(), self.clock,
                                           config.max_future_ns)
         self.runners: list[EngineRunner] = []
@@ -309,12 +308,12 @@ class Node:
         return thread
 
     def _start_recorder(self) -> None:
-        """Record to the launch file's [record] log (see fusion_node.recording), from before
+        """Record to the launch file's [record] log (see fusion_node.logs.recorder), from before
         the first sensor sample, with the config and model hashes a replay needs."""
         record = self.config.record
         if record is None:
             return
-        from fusion_node.recording import Recorder, RecordingBuffer, node_metadata
+        from fusion_node.logs.recorder import Recorder, RecordingBuffer, node_metadata
 
         assert isinstance(self.buffer, RecordingBuffer)
         self.recorder = Recorder(record.path, self.clock, topics=record.topics,

@@ -15,7 +15,6 @@ import heapq
 import itertools
 import logging
 import math
-import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -24,11 +23,11 @@ from fractions import Fraction
 from typing import Any, Protocol
 
 import numpy as np
-import zmq
 
 from fusion_node.alignment import AlignmentBuffer, InputSpec, Window
 from fusion_node.clock import Clock, thread_cpu_ns
 from fusion_node.errors import FusionError
+from fusion_node.host.threads import ENGINE_RT_PRIORITY, raise_thread_priority
 from fusion_node.protocol import Message, Prediction, encode
 
 log = logging.getLogger(__name__)
@@ -36,9 +35,6 @@ log = logging.getLogger(__name__)
 # The publisher wakes this long before a deadline and sleeps precisely for the rest;
 # a prediction scheduled inside this margin for an earlier deadline waits its turn.
 _WAKE_MARGIN_NS = 1_000_000
-PUBLISHER_RT_PRIORITY = 10
-ENGINE_RT_PRIORITY = 5
-_NICE_STEP = 5
 # Bounded poll so a replay clock (whose time is not wall time) is re-checked often.
 _MAX_WAIT_S = 0.005
 # An inference running longer than this many declared latencies (and at least the floor)
@@ -63,68 +59,6 @@ class Binding(Protocol):
 
     def decode(self, outputs: dict[str, np.ndarray],
                window: Window) -> tuple[dict[str, Any], dict[str, np.ndarray]]: ...
-
-
-def raise_thread_priority(rt_priority: int = PUBLISHER_RT_PRIORITY) -> str:
-    """Give the calling thread real-time priority if allowed (root or CAP_SYS_NICE), else a
-    lower nice value if allowed; returns what was granted.
-
-    The publisher gets the highest priority: publishing on time must win the core. Engine
-    runners get a lower real-time one, so that driver processes and other programs on the
-    host cannot stretch an inference past its deadline (inference uses ~15% of one core;
-    Linux's real-time throttling keeps a share for everything else).
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(rt_priority))
-        return f"SCHED_FIFO {rt_priority}"
-    except (PermissionError, OSError):
-        pass
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -_NICE_STEP)
-        return f"nice -{_NICE_STEP}"
-    except (PermissionError, OSError):
-        return "default"
-
-
-def raise_thread_niceness() -> str:
-    """Give the calling thread a lower nice value if allowed; returns what was granted.
-
-    For the node's threads that are not real-time (receiver, recorder, clock trackers): a
-    real-time engine waiting for the GIL waits for whichever thread holds it, so a holder
-    pre-empted by other processes would delay it (priority inversion)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -_NICE_STEP)
-        return f"nice -{_NICE_STEP}"
-    except (PermissionError, OSError):
-        return "default"
-
-
-def realtime_allowed() -> bool:
-    """Whether this process may use SCHED_FIFO, tried on a throwaway thread."""
-    result: list[bool] = []
-
-    def attempt() -> None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(PUBLISHER_RT_PRIORITY))
-            result.append(True)
-        except (PermissionError, OSError):
-            result.append(False)
-
-    thread = threading.Thread(target=attempt, name="realtime probe")
-    thread.start()
-    thread.join()
-    return result[0]
-
-
-def realtime_context() -> zmq.Context:
-    """A ZeroMQ context whose I/O threads, which do the actual sending and receiving, run
-    at the publisher's real-time priority when that is allowed."""
-    context = zmq.Context()
-    # libzmq aborts the process if it cannot apply these, so set them only when allowed.
-    if realtime_allowed():
-        context.set(zmq.THREAD_SCHED_POLICY, os.SCHED_FIFO)
-        context.set(zmq.THREAD_PRIORITY, PUBLISHER_RT_PRIORITY)
-    return context
 
 
 class PredictionSink(Protocol):

@@ -31,6 +31,8 @@ from fusion_node.security import (
 )
 from fusion_node.shm import ShmConfig, ShmLease, ShmReader, ShmWriter
 
+# Where the node publishes predictions and node.health unless a launch file says otherwise.
+DEFAULT_PUB = "tcp://127.0.0.1:5599"
 DEFAULT_HWM = 100
 DEFAULT_SHM = ShmConfig()
 

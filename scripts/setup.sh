@@ -11,7 +11,7 @@ lock=requirements/runtime.txt
 [ "${1:-}" = "--test" ] && lock=requirements/test.txt
 
 # System packages, installed only when missing. PortAudio backs the microphone driver;
-# jemalloc is the node's allocator (fusion_node/allocator.py). The tests also build the C++
+# jemalloc is the node's allocator (fusion_node/host/allocator.py). The tests also build the C++
 # example subscriber (libzmq, cppzmq, msgpack-c headers).
 packages="libportaudio2 libjemalloc2"
 [ "$lock" = requirements/test.txt ] && packages="$packages g++ libzmq3-dev cppzmq-dev libmsgpack-cxx-dev"

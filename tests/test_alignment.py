@@ -233,7 +233,7 @@ def test_an_evicted_frame_is_released_after_the_locks(recording):
     import weakref
 
     from fusion_node.clock import ReplayClock
-    from fusion_node.recording import RecordingBuffer
+    from fusion_node.logs.recorder import RecordingBuffer
 
     buffer = (RecordingBuffer({"camera.front": 2}, ReplayClock(0)) if recording
               else AlignmentBuffer({"camera.front": 2}))

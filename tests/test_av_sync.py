@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.simulated import MOUTH_ROI
-from engines.speech_corpus import SAMPLE_RATE
-from engines.sync_bias import Speech, in_sync_speech, write_speech_log
+from drivers.sim.simulated import MOUTH_ROI
 from fusion_node.av_sync import (
     DEFAULT_SPEECH_MODEL,
     SyncScorer,
@@ -24,13 +22,16 @@ from fusion_node.av_sync import (
 )
 from fusion_node.cli import main
 from fusion_node.config import parse_config
-from fusion_node.recording import RECORDING_METADATA, node_metadata
+from fusion_node.logs.mcap_format import RECORDING_METADATA
+from fusion_node.logs.recorder import node_metadata
+from training.speech_corpus import SAMPLE_RATE
+from training.sync_bias import Speech, in_sync_speech, write_speech_log
 
 FPS = 30
 CHUNK = SAMPLE_RATE // 100  # 10 ms audio chunks
 T0_NS = 5_000_000_000_000  # monotonic stamps far from zero, as on a robot
 CLIPS = 5
-LIP_LEAD_S = 0.020  # engines.speech_corpus: uniform in 0-40 ms
+LIP_LEAD_S = 0.020  # training.speech_corpus: uniform in 0-40 ms
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_sync_offset_of_speech_logs(tmp_path, speech, scorer, offset_ms):
     assert (estimate.audio, estimate.video) == ("audio.mic0", "camera.front")
     assert estimate.mouth_roi == MOUTH_ROI
     # The model's lip-to-voice delay varies from recording to recording by about ±15 ms
-    # around the mean stored in the model file (engines/sync_bias.py): shifts are tracked to
+    # around the mean stored in the model file (training/sync_bias.py): shifts are tracked to
     # well under a millisecond, the zero only to that. The clap method is the precise one.
     assert abs(error_ms) <= 20
 

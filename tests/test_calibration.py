@@ -22,9 +22,9 @@ from fusion_node.calibration import (
 from fusion_node.cli import main
 from fusion_node.config import parse_config
 from fusion_node.errors import CalibrationError
+from fusion_node.logs.mcap_format import LogWriter
 from fusion_node.node import Node
 from fusion_node.protocol import AudioChunk, Frame, JointState
-from fusion_node.recording import LogWriter
 from fusion_node.transport import Publisher
 
 REPO = Path(__file__).resolve().parents[1]

@@ -128,7 +128,7 @@ def test_client_imports_no_heavy_modules():
 
 
 def test_client_bench_reports_latest_cost():
-    from fusion_node.bench_client import run_client_bench
+    from fusion_node.bench.client import run_client_bench
 
     result = run_client_bench(duration_s=1.0, rate_hz=200.0)
     assert result["calls"] == 200

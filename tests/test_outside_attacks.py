@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import zmq
 
+from fusion_node.bench.faults import ATTACK_PROBE, fault_process_argv, free_tcp_port
 from fusion_node.clock import MonotonicClock
-from fusion_node.faults import ATTACK_PROBE, fault_process_argv, free_tcp_port
 from fusion_node.protocol import Health
 from fusion_node.shm import SHM_DIR, reclaim_stale_segments, segment_names
 from fusion_node.transport import Subscriber
-from tests.test_node import ENGINES
+from tests.conftest import ENGINES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,9 +14,9 @@ import zmq
 
 from drivers.camera import OpenCVCamera, OpenCVCameraConfig
 from drivers.process import publish_driver
+from fusion_node.bench.faults import fault_process_argv, free_tcp_port, wait_for_tcp_port
 from fusion_node.clock import MonotonicClock
 from fusion_node.errors import ConfigError, DriverError, EndOfStream
-from fusion_node.faults import fault_process_argv, free_tcp_port, wait_for_tcp_port
 from fusion_node.protocol import Frame
 from fusion_node.shm import ShmConfig, ShmWriter, in_shared_memory
 from fusion_node.transport import Publisher, Subscriber

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
-from drivers.simulated import JOINT_NAMES
+from drivers.sim.simulated import JOINT_NAMES
 from fusion_node.clock import MonotonicClock
 from fusion_node.protocol import AudioChunk, Frame, JointState
 from fusion_node.transport import Subscriber

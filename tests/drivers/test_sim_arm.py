@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import zmq
 
-from drivers.sim_arm import SUBSTEP_NS, SimulatedArm, SimulatedArmConfig
-from engines.arm import HOME, JOINT_NAMES, RENDER_HEIGHT, RENDER_WIDTH
+from drivers.sim.arm import HOME, JOINT_NAMES, RENDER_HEIGHT, RENDER_WIDTH
+from drivers.sim.arm_driver import SUBSTEP_NS, SimulatedArm, SimulatedArmConfig
 from fusion_node.clock import MonotonicClock
 from fusion_node.errors import ConfigError
 from fusion_node.protocol import Frame, JointState, Prediction

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import zmq
 
-from drivers.simulated import (
+from drivers.sim.simulated import (
     JOINT_NAMES,
     MOUTH_ROI,
     SimulatedCamera,

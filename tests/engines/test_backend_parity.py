@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from engines import models
 from engines.backends import create_engine, resolve_backend, tensorrt_unavailable
 from engines.torch_backend import TorchEngine
 from fusion_node.errors import ConfigError, EngineError
 from fusion_node.node import model_path
+from training import models
 
 INPUTS = {"speech": models.SPEECH_INPUTS, "action": models.ACTION_INPUTS}
 TRIALS = 5

@@ -267,7 +267,7 @@ async def test_webcam_launch_file_with_a_video_file_finds_the_mouth(astronaut, t
     import dataclasses
     import wave
 
-    from tests.test_node import running
+    from tests.conftest import running
 
     video = tmp_path / "face.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30, (640, 480))

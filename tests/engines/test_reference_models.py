@@ -2,17 +2,18 @@
 
 import hashlib
 import json
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from engines import models
 from engines.onnxruntime_backend import OnnxRuntimeEngine
 from engines.vocabulary import COMMANDS
+from training import models
 
-SHIPPED = Path(models.__file__).parent / "models"
+SHIPPED = Path(str(resources.files("engines") / "models"))
 ARCHITECTURES = [
     ("speech", models.SpeechModel, models.SPEECH_INPUTS, models.SPEECH_OUTPUTS),
     ("action", models.ActionModel, models.ACTION_INPUTS, models.ACTION_OUTPUTS),

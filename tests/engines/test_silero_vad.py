@@ -24,7 +24,7 @@ from fusion_node.alignment import AudioInput
 from fusion_node.config import DriverConfig, load_config
 from fusion_node.node import Node
 from fusion_node.protocol import Prediction
-from tests.test_node import Collector
+from tests.conftest import Collector
 
 LAUNCH = Path(__file__).parents[2] / "launch" / "vad.toml"
 SR = 16_000

@@ -1,0 +1,135 @@
+"""`fusion-node bench engines`: the reference models on every usable backend.
+
+Latency at batch 1 and parity with the torch reference; everything heavy (torch, ONNX
+Runtime, TensorRT) is imported inside the bench.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# Batch-1 latency: warm-up calls, then timed calls (p50 / p99).
+BENCH_WARM_UP = 20
+BENCH_ITERATIONS = 200
+# Fresh random feeds per backend for the parity columns.
+BENCH_PARITY_TRIALS = 5
+REFERENCE_MODELS = ("speech", "action")
+
+
+def run_engine_bench(iterations: int = BENCH_ITERATIONS,
+                     samples: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per reference model and backend: batch-1 latency after warm-up, and the largest
+    absolute and relative difference from the torch reference on fresh random inputs.
+
+    CPU backends get one intra-op thread each, which leaves the other core of a 2-core robot
+    computer for drivers, alignment and publishing (ONNX Runtime also with spinning off, as
+    the node runs it). GPU rows (torch CUDA fp16 with a CUDA graph, TensorRT) appear where a
+    GPU is usable; otherwise `skipped` says why. `samples`, if given, receives every timed
+    call's latency in ms, for plots: `samples[model][backend-precision]`.
+    """
+    import numpy as np
+    import torch
+
+    from engines.backends import tensorrt_unavailable
+
+    rng = np.random.default_rng()  # fresh inputs on every run, as the parity claim needs
+    skipped: dict[str, str] = {}
+    if not torch.cuda.is_available():
+        skipped["torch-cuda"] = "torch sees no CUDA GPU"
+    for precision in ("fp32", "fp16"):
+        reason = tensorrt_unavailable(precision)
+        if reason is not None:
+            skipped[f"tensorrt-{precision}"] = reason
+    rows = []
+    threads = torch.get_num_threads()
+    try:
+        for name in REFERENCE_MODELS:
+            rows += _bench_model(name, skipped, rng, iterations,
+                                 None if samples is None else samples.setdefault(name, {}))
+    finally:
+        torch.set_num_threads(threads)  # the bench's 1 thread is process-wide in torch
+    return {"cpus": os.cpu_count(), "iterations": iterations, "results": rows,
+            "skipped": skipped}
+
+
+def _bench_model(name: str, skipped: dict[str, str], rng: np.random.Generator,
+                 iterations: int, samples: dict[str, list[float]] | None = None
+                 ) -> list[dict[str, Any]]:
+    import numpy as np
+
+    from engines.onnxruntime_backend import OnnxRuntimeEngine
+    from engines.torch_backend import TorchEngine
+    from fusion_node.node import model_path
+    from training import models
+
+    inputs = {"speech": models.SPEECH_INPUTS, "action": models.ACTION_INPUTS}[name]
+    path = model_path(name)
+    reference = TorchEngine.from_onnx(path, threads=1)
+    candidates: list[tuple[str, str, Any]] = [
+        ("torch", "fp32", reference),
+        ("onnxruntime", "fp32", OnnxRuntimeEngine(path, intra_op_threads=1))]
+    if "torch-cuda" not in skipped:
+        candidates.append(("torch-cuda", "fp16", TorchEngine.from_onnx(
+            path, device="cuda", precision="fp16")))
+    for precision in ("fp32", "fp16"):
+        if f"tensorrt-{precision}" not in skipped:
+            from engines.tensorrt_backend import TensorRTEngine
+
+            candidates.append((f"tensorrt-{precision}", precision,
+                               TensorRTEngine(path, precision=precision)))
+    rows: list[dict[str, Any]] = []
+    for backend, precision, engine in candidates:
+        row: dict[str, Any] = {"model": name, "backend": backend, "precision": precision,
+                               "threads": 1 if backend in ("torch", "onnxruntime") else None}
+        if engine is reference:
+            row.update(max_abs_diff=None, max_rel_diff=None)  # it is the reference
+        else:
+            abs_diff, rel_diff = _parity(engine, reference, inputs, rng)
+            row.update(max_abs_diff=float(f"{abs_diff:.3g}"),
+                       max_rel_diff=float(f"{rel_diff:.3g}"))
+        times_ms = _latency(engine, models.random_feeds(inputs, rng), iterations)
+        p50, p99 = (float(v) for v in np.percentile(times_ms, [50, 99]))
+        if samples is not None:
+            samples[f"{backend} {precision}"] = times_ms.tolist()
+        row.update(p50_ms=round(p50, 4), p99_ms=round(p99, 4))
+        row["speedup_vs_torch"] = round(rows[0]["p50_ms"] / p50, 2) if rows else 1.0
+        if getattr(engine, "last_gpu_ms", None):
+            row["last_gpu_ms"] = round(engine.last_gpu_ms, 4)  # CUDA events, last call
+        rows.append(row)
+    return rows
+
+
+def _parity(engine: Any, reference: Any, inputs: dict[str, tuple[int, ...]],
+            rng: np.random.Generator) -> tuple[float, float]:
+    import numpy as np
+
+    from training import models
+
+    worst_abs = worst_rel = 0.0
+    for _ in range(BENCH_PARITY_TRIALS):
+        feeds = models.random_feeds(inputs, rng)
+        expected = reference.infer(feeds)
+        for key, value in engine.infer(feeds).items():
+            diff = float(np.max(np.abs(value - expected[key])))
+            worst_abs = max(worst_abs, diff)
+            worst_rel = max(worst_rel, diff / max(float(np.max(np.abs(expected[key]))), 1e-12))
+    return worst_abs, worst_rel
+
+
+def _latency(engine: Any, feeds: dict[str, np.ndarray], iterations: int) -> np.ndarray:
+    """Milliseconds of each of `iterations` timed calls, after warm-up."""
+    import numpy as np
+
+    for _ in range(BENCH_WARM_UP):
+        engine.infer(feeds)
+    times = np.empty(iterations)
+    for i in range(iterations):
+        start = time.perf_counter_ns()
+        engine.infer(feeds)
+        times[i] = time.perf_counter_ns() - start
+    return times / 1e6

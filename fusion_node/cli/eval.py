@@ -1,0 +1,83 @@
+"""`fusion-node eval speech|action`: the reference models measured on held-out data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+
+def add_eval_parser(commands: Any) -> None:
+    evaluate = commands.add_parser("eval", help="evaluate the reference models on held-out "
+                                   "synthetic data through the ONNX Runtime engine")
+    which = evaluate.add_subparsers(dest="what", required=True)
+    speech = which.add_parser("speech", help="commands over SNR x noise, audio-only vs "
+                              "video-only vs audio+video; active speaker; voice activity "
+                              "vs Silero VAD")
+    speech.add_argument("--model", type=Path, help="speech .onnx (default: the shipped one)")
+    speech.add_argument("--clips", type=int, default=200,
+                        help="clips per SNR x noise condition (commands, overlap)")
+    speech.add_argument("--frame-clips", type=int, default=40,
+                        help="clips per condition for voice activity and active speaker")
+    action = which.add_parser("action", help="closed-loop success of the arm, with the true "
+                              "command and with commands from the speech engine")
+    action.add_argument("--model", type=Path, help="action .onnx (default: the shipped one)")
+    action.add_argument("--speech-model", type=Path,
+                        help="speech .onnx (default: the shipped one)")
+    action.add_argument("--episodes", type=int, default=200)
+    for parser in (speech, action):
+        parser.add_argument("--json", action="store_true", help="one-line JSON")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--plot", metavar="DIR", help="also write PNG plots and the "
+                            "JSON into DIR")
+
+
+def run_eval_command(args: argparse.Namespace) -> dict[str, Any]:
+    if args.what == "speech":
+        from training import eval_speech
+
+        kwargs: dict[str, Any] = {"clips_per_condition": args.clips,
+                                  "overlap_clips": args.clips,
+                                  "frame_clips": args.frame_clips,
+                                  "distractor_clips": args.frame_clips}
+        if args.model:
+            kwargs["model"] = args.model
+        report = eval_speech.run(**kwargs)
+    else:
+        from training import eval_action, eval_closed_loop
+
+        models = Path(str(resources.files("engines") / "models"))
+        action_model = args.model or models / "action.onnx"
+        speech_model = args.speech_model or models / "speech.onnx"
+        report = {
+            "true_command": eval_action.evaluate_true_commands(action_model, args.episodes,
+                                                               args.seed),
+            "from_speech": eval_closed_loop.run(action_model, speech_model, args.episodes,
+                                                args.seed),
+        }
+    if args.plot:
+        out = Path(args.plot)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"eval_{args.what}.json").write_text(json.dumps(report, indent=2))
+        if args.what == "speech":
+            from fusion_node.bench.plots import plot_accuracy_vs_snr
+
+            plot_accuracy_vs_snr(accuracy_curves(report), out / "eval_speech_snr.png")
+    return report
+
+
+CLEAN_SNR_DB = 30.0
+
+
+def accuracy_curves(report: dict[str, Any]) -> dict[str, list[Any]]:
+    """Babble rows of the speech report as the curves `plot_accuracy_vs_snr` draws; clean
+    audio is plotted at CLEAN_SNR_DB."""
+    table = report["command_accuracy"]
+    rows = [(CLEAN_SNR_DB, table["clean"])] + [
+        (float(k.split("/")[1].removesuffix("dB")), v) for k, v in table.items()
+        if k.startswith("babble/")]
+    return {"snr": [snr for snr, _ in rows],
+            **{m: [row[m]["rate"] for _, row in rows]
+               for m in ("audio_only", "video_only", "audio_video")}}

@@ -1,0 +1,204 @@
+"""`fusion-node` command line. Exit codes live here and nowhere else; signals become a
+graceful stop in `fusion_node.host.signals` alone."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+from typing import Any
+
+from fusion_node.errors import FusionError
+from fusion_node.host.allocator import reexecute_with_jemalloc
+from fusion_node.host.signals import stop_on_signals
+
+
+async def _run_node(args: argparse.Namespace) -> None:
+    from fusion_node.config import load_config
+    from fusion_node.node import Node
+
+    config = load_config(args.config)
+    if args.pub:
+        config = dataclasses.replace(config, pub=args.pub)
+    if getattr(args, "record", None):
+        from fusion_node.cli.log import with_record
+
+        config = with_record(config, args)
+    node = Node(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with stop_on_signals(stop):
+        if args.duration is not None:
+            loop.call_later(args.duration, stop.set)
+        await node.run(stop)
+    print(json.dumps(node.health()["engines"]), file=sys.stderr)
+
+
+def _jsonable(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        if value.size <= 4096:
+            return value.tolist()
+        return {"dtype": value.dtype.name, "shape": list(value.shape)}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _echo(args: argparse.Namespace) -> None:
+    import zmq
+
+    from fusion_node.clock import MonotonicClock
+    from fusion_node.transport import Subscriber
+
+    context = zmq.Context()
+    subscriber = Subscriber(context, [args.endpoint], MonotonicClock(), topics=[args.topic])
+    received = 0
+    try:
+        while args.count is None or received < args.count:
+            msg = subscriber.recv(timeout_ms=int(args.timeout * 1000))
+            if msg is None:
+                raise FusionError(f"no message on {args.topic!r} from {args.endpoint} within "
+                                  f"{args.timeout} s")
+            received += 1
+            record = {"type": type(msg).__name__.lower(),
+                      **_jsonable({f.name: getattr(msg, f.name)
+                                   for f in dataclasses.fields(msg)})}
+            if args.json:
+                print(json.dumps(record), flush=True)
+            else:
+                summary = {k: v for k, v in record.items() if not isinstance(v, (list, dict))}
+                print(" ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+    finally:
+        subscriber.close()
+        context.term()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusion-node", description="Real-time sensor fusion: sensors in, "
+        "fixed-latency predictions out.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run drivers, engines and the publisher")
+    run.add_argument("--config", help="launch file (TOML); default: the embedded simulated "
+                     "robot")
+    run.add_argument("--duration", type=float, help="stop after this many seconds")
+    run.add_argument("--pub", help="endpoint for pred.* and node.health "
+                     "(default tcp://127.0.0.1:5599)")
+    run.add_argument("--record", metavar="OUT.mcap", help="record sensors, predictions and "
+                     "health to an MCAP log (see `fusion-node record --help`)")
+
+    launch = commands.add_parser("launch", help="run the node from a launch file "
+                                 "(the same as run --config FILE)")
+    launch.add_argument("config", help="launch file (TOML), e.g. launch/sim.toml")
+    launch.add_argument("--duration", type=float, help="stop after this many seconds")
+    launch.add_argument("--pub", help="override the launch file's publish endpoint")
+
+    top = commands.add_parser("top", help="show node.health as a live table")
+    top.add_argument("--endpoint", default="tcp://127.0.0.1:5599")
+    top.add_argument("--once", action="store_true", help="print one table and exit")
+
+    echo = commands.add_parser("echo", help="print decoded messages from a topic")
+    echo.add_argument("topic", help="topic or topic prefix, e.g. pred.speech")
+    echo.add_argument("--endpoint", default="tcp://127.0.0.1:5599")
+    echo.add_argument("--count", type=int, help="exit after this many messages")
+    echo.add_argument("--json", action="store_true", help="one JSON object per line")
+    echo.add_argument("--timeout", type=float, default=10.0,
+                      help="fail if no message arrives for this many seconds")
+
+    from fusion_node.cli.bench import add_bench_parser
+
+    add_bench_parser(commands)
+    from fusion_node.cli.engine import add_engine_parser
+
+    add_engine_parser(commands)
+    from fusion_node.cli.log import add_log_parsers
+
+    add_log_parsers(commands)
+    from fusion_node.cli.calibrate import add_calibrate_parser
+
+    add_calibrate_parser(commands)
+    from fusion_node.cli.view import add_view_parser
+
+    add_view_parser(commands)
+    from fusion_node.cli.keys import add_keys_parser
+
+    add_keys_parser(commands)
+    from fusion_node.cli.eval import add_eval_parser
+
+    add_eval_parser(commands)
+    from fusion_node.cli.check import add_check_parser
+
+    add_check_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if argv is None and args.command in ("run", "launch", "bench"):  # a process of its own
+        reexecute_with_jemalloc(sys.argv[1:])
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command in ("run", "launch"):
+            asyncio.run(_run_node(args))
+        elif args.command == "top":
+            from fusion_node.cli.top import run_top
+
+            run_top(args.endpoint, args.once)
+        elif args.command == "echo":
+            _echo(args)
+        elif args.command in ("record", "replay", "log"):
+            from fusion_node.cli.log import run_log_command
+
+            return run_log_command(args, _run_node)
+        elif args.command == "calibrate":
+            from fusion_node.cli.calibrate import run_calibrate_command
+
+            print(json.dumps(run_calibrate_command(args), indent=2))
+        elif args.command == "keys":
+            from fusion_node.cli.keys import run_keys_command
+
+            print(json.dumps(run_keys_command(args), indent=2))
+        elif args.command == "engine":
+            from fusion_node.cli.engine import run_engine_command
+
+            print(json.dumps(run_engine_command(args), indent=2))
+        elif args.command == "eval":
+            from fusion_node.cli.eval import run_eval_command
+
+            report = run_eval_command(args)
+            print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+        elif args.command == "check":
+            from fusion_node.cli.check import run_check_command
+
+            print(json.dumps(run_check_command(args), indent=2))
+        elif args.command == "view":
+            from fusion_node.cli.view import run_view_command
+
+            run_view_command(args)
+        else:
+            from fusion_node.cli.bench import run_bench_command
+
+            run_bench_command(args)
+    except FusionError as exc:
+        print(f"fusion-node: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `fusion-node echo ... | head` closing the pipe is a normal way to stop.
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""SIGINT and SIGTERM: the one place that turns them into a graceful stop.
+
+`stop_on_signals(stop)` sets `stop` on the first signal and exits at once (128 + signal) on
+the second, so an operator can always get out of a stop that hangs. For an `asyncio.Event`
+the handlers go through the running loop (they wake it); for a `threading.Event` they are
+plain signal handlers. Either way the previous handlers are back after the `with` block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+log = logging.getLogger("fusion_node")
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event | threading.Event) -> Iterator[None]:
+    """First SIGINT/SIGTERM sets `stop`; a second one exits at once."""
+
+    def handle(signum: int, *_: object) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    if isinstance(stop, asyncio.Event):
+        loop = asyncio.get_running_loop()
+        for signum in SIGNALS:
+            loop.add_signal_handler(signum, handle, signum)
+        try:
+            yield
+        finally:
+            for signum in SIGNALS:
+                loop.remove_signal_handler(signum)
+        return
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    for signum in SIGNALS:
+        signal.signal(signum, handle)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def cancel_on_signals(task: asyncio.Task[object]) -> Iterator[None]:
+    """SIGINT and SIGTERM cancel `task` (a driver's publishing loop, whose cancellation
+    disconnects the driver); the handlers are removed afterwards."""
+    loop = asyncio.get_running_loop()
+    for signum in SIGNALS:
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        yield
+    finally:
+        for signum in SIGNALS:
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,469 @@
+"""`fusion-node view`: what the node sees and says, in Rerun (https://rerun.io).
+
+`RerunLogger` turns protocol messages into Rerun entities; `view_live` feeds it from sockets
+(a separate subscriber: the node's PUB sockets drop messages for a slow viewer rather than
+wait for it), `view_log` from an MCAP log. Entities, on the `sensor_time` timeline
+(CLOCK_MONOTONIC capture time; a prediction at its `t_ref_ns`):
+
+  camera/<stream>                   the scene, JPEG, at 1/stride resolution
+  camera/<stream>/mouth_roi         the speech engine's mouth box, labelled with the score
+  camera/<stream>/action_chunk      the last action chunk drawn as a schematic planar arm
+  mouth/<stream>                    the mouth crop the speech engine sees (full resolution)
+  audio/<stream>/waveform           every sample of channel 0, in [-1, 1]
+  <pred topic>/voice_activity, /active_speaker, /command_posterior, /command
+  <pred topic>/targets              the chunk's step due at publication, per joint
+  joints/<stream>/position          measured joint positions, per joint
+  latency/<pred topic>              capture → receive, window, inference end, ready, publish
+  deadline_misses/<pred topic>      cumulative late predictions (the `late` flag)
+  events                            a line per late prediction or command change
+  health/<engine>/deadline_misses   the node's own count, from node.health
+
+The arm overlay is a schematic, not a projection: the simulated camera does not see the arm
+and there is no hand-eye calibration, so the chunk is drawn as a 3-link planar arm in a
+corner of the image, to show its shape and motion at a glance.
+
+Imports rerun (the `view` extra) at module level: import this module only to view.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+import rerun as rr
+import rerun.blueprint as rrb
+
+from engines.vocabulary import COMMANDS
+from fusion_node.clock import MonotonicClock
+from fusion_node.config import NodeConfig
+from fusion_node.errors import ConfigError
+from fusion_node.protocol import AudioChunk, Frame, Health, JointState, Message, Prediction
+
+log = logging.getLogger(__name__)
+
+APPLICATION_ID = "fusion-node"
+TIMELINE = "sensor_time"
+DEFAULT_IMAGE_STRIDE = 2  # half resolution, as the Foxglove preview: enough to see the scene
+DEFAULT_JPEG_QUALITY = 80
+LATENCY_POINTS = ("t_receive_ns", "t_window_start_ns", "t_infer_end_ns", "t_ready_ns")
+LATENCY_NAMES = ("capture→receive", "capture→window", "capture→inference end",
+                 "capture→ready", "capture→publish")
+_RECV_TIMEOUT_MS = 100
+# The schematic arm: base and link lengths as fractions of the image height.
+_ARM_BASE = (0.8, 0.97)  # x as a fraction of the width, y of the height: beside the face
+_ARM_LINKS = (0.15, 0.11, 0.06)
+_GREEN, _GREY, _RED = (40, 200, 60), (200, 200, 200), (230, 50, 50)
+
+
+@dataclass(frozen=True)
+class SpeechView:
+    """What the viewer needs of a speech engine: its topic, camera and mouth box."""
+
+    topic: str
+    camera: str
+    mouth_roi: tuple[int, int, int, int]
+
+
+def speech_views(config: NodeConfig) -> list[SpeechView]:
+    """The speech engines of `config` whose mouth box the viewer draws."""
+    views = []
+    for engine in config.engines:
+        if engine.binding != "speech":
+            continue
+        roi = tuple(engine.params.get("mouth_roi", ()))
+        if len(roi) != 4 or not all(isinstance(v, int) for v in roi):
+            raise ConfigError(f"engine {engine.name!r}: params.mouth_roi must be [x, y, w, h] "
+                              f"ints, got {engine.params.get('mouth_roi')!r}")
+        views.append(SpeechView(engine.topic, engine.inputs["video"], roi))  # type: ignore[arg-type]
+    return views
+
+
+def live_endpoints(config: NodeConfig) -> list[str]:
+    """Where a running node built from `config` publishes: its predictions and health, and
+    the sensor drivers that bind a known endpoint (an explicit `endpoint`, or the
+    `run_dir`'s ipc sockets); without a `run_dir` the drivers' sockets are in a temporary
+    directory nobody else can name, and only predictions and health are seen."""
+    endpoints = [config.pub]
+    for driver in config.drivers:
+        if driver.endpoint:
+            endpoints.append(driver.endpoint)
+        elif config.run_dir:
+            endpoints.append(f"ipc://{config.run_dir}/{driver.stream}.ipc")
+    return endpoints + list(config.connect)
+
+
+def _time(ns: int) -> np.timedelta64:
+    return np.timedelta64(int(ns), "ns")
+
+
+def arm_points(angles: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Image points of a planar arm with joint `angles` (rad, each relative to the previous
+    link; all zero points straight up): [len(angles) + 1, 2]."""
+    points = [np.array([_ARM_BASE[0] * width, _ARM_BASE[1] * height])]
+    heading = math.pi / 2
+    for angle, length in zip(angles, _ARM_LINKS):
+        heading += float(angle)
+        step = length * height * np.array([math.cos(heading), -math.sin(heading)])
+        points.append(points[-1] + step)
+    return np.stack(points)
+
+
+def latency_ms(pred: Prediction) -> list[float]:
+    """Milliseconds from the capture of the newest input (the trace's `t_capture_ns`) to
+    each point of LATENCY_NAMES; NaN where the trace lacks the point."""
+    t_capture_ns = pred.trace.get("t_capture_ns", pred.t_ref_ns)
+    points = [pred.trace.get(k) for k in LATENCY_POINTS] + [pred.t_publish_ns]
+    return [math.nan if t is None else (t - t_capture_ns) / 1e6 for t in points]
+
+
+def due_step(step_times_ns: np.ndarray, deadline_ns: int) -> int:
+    """The step a control loop executes when the chunk arrives: the first one due at or
+    after the deadline (the last one if all are earlier)."""
+    return min(int(np.searchsorted(step_times_ns, deadline_ns)), len(step_times_ns) - 1)
+
+
+@dataclass
+class ViewStats:
+    """What the viewer received: counts, gaps in `seq`, late predictions, rejections."""
+
+    received: Counter[str] = field(default_factory=Counter)
+    seq_gaps: Counter[str] = field(default_factory=Counter)
+    late: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    health_deadline_misses: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"received": dict(self.received), "seq_gaps": dict(self.seq_gaps),
+                "late_predictions": dict(self.late), "rejected": dict(self.rejected),
+                "node_deadline_misses": self.health_deadline_misses,
+                "wall_s": round(self.wall_s, 3)}
+
+
+class RerunLogger:
+    """Logs protocol messages into one Rerun recording; call `log` in arrival order."""
+
+    def __init__(self, recording: rr.RecordingStream, speech: Sequence[SpeechView] = (),
+                 image_stride: int = DEFAULT_IMAGE_STRIDE,
+                 jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> None:
+        if image_stride < 1:
+            raise ConfigError(f"image stride {image_stride} must be >= 1")
+        if not 1 <= jpeg_quality <= 100:
+            raise ConfigError(f"JPEG quality {jpeg_quality} must be in 1..100")
+        self.rec = recording
+        self.stride = image_stride
+        self.jpeg_quality = jpeg_quality
+        self._speech_by_topic = {s.topic: s for s in speech}
+        self._speech_by_camera = {s.camera: s for s in speech}
+        self._image_size: dict[str, tuple[int, int]] = {}  # camera -> logged (width, height)
+        self._last_seq: dict[str, int] = {}
+        self._last_command: dict[str, str] = {}
+        self._static_done: set[str] = set()
+        self.stats = ViewStats()
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def log(self, msg: Message) -> None:
+        """Log one message: its entities appear at its sensor time."""
+        self.stats.received[msg.stream] += 1
+        last = self._last_seq.get(msg.stream)
+        if last is not None and msg.seq > last + 1:
+            self.stats.seq_gaps[msg.stream] += msg.seq - last - 1
+        self._last_seq[msg.stream] = msg.seq
+        if isinstance(msg, Frame):
+            self._frame(msg)
+        elif isinstance(msg, AudioChunk):
+            self._audio(msg)
+        elif isinstance(msg, JointState):
+            self._joints(msg)
+        elif isinstance(msg, Prediction):
+            self._prediction(msg)
+        elif isinstance(msg, Health):
+            self._health(msg)
+
+    def _once(self, path: str, *entities: Any) -> None:
+        if path not in self._static_done:
+            self._static_done.add(path)
+            self.rec.log(path, *entities, static=True)
+
+    # -- sensors ----------------------------------------------------------------------------
+
+    def _frame(self, frame: Frame) -> None:
+        image = frame.image
+        rgb = image if frame.encoding != "bgr8" else image[..., ::-1]
+        small = np.ascontiguousarray(rgb[::self.stride, ::self.stride])
+        height, width = small.shape[:2]
+        self._image_size[frame.stream] = (width, height)
+        # cv2 encodes BGR; the frame is in shared memory only until its lease ends, and
+        # both the JPEG and the crop below are copies.
+        bgr = small[..., ::-1] if small.shape[2] == 3 else small
+        ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+        if not ok:
+            raise ConfigError(f"{frame.stream}: JPEG encoding of a {small.shape} frame failed")
+        self.rec.set_time(TIMELINE, duration=_time(frame.t_capture_ns))
+        self.rec.log(f"camera/{frame.stream}",
+                     rr.EncodedImage(contents=jpeg.tobytes(), media_type="image/jpeg"))
+        speech = self._speech_by_camera.get(frame.stream)
+        if speech is not None:
+            x, y, w, h = speech.mouth_roi
+            full_h, full_w = image.shape[:2]
+            x0, y0 = max(0, x), max(0, y)
+            x1, y1 = min(full_w, x + w), min(full_h, y + h)
+            if x0 < x1 and y0 < y1:
+                crop = np.ascontiguousarray(rgb[y0:y1, x0:x1])
+                self.rec.log(f"mouth/{frame.stream}", rr.Image(
+                    crop, color_model="L" if crop.shape[2] == 1 else "RGB"))
+
+    def _audio(self, chunk: AudioChunk) -> None:
+        samples = chunk.samples[:, 0]
+        scale = 1.0 / 32768.0 if samples.dtype == np.int16 else 1.0
+        values = samples.astype(np.float64) * scale
+        offsets = np.arange(len(values), dtype=np.int64) * 1_000_000_000 // chunk.sample_rate
+        times = (chunk.t_capture_ns + offsets).astype("timedelta64[ns]")
+        path = f"audio/{chunk.stream}/waveform"
+        self._once(path, rr.SeriesLines(names=[chunk.stream], widths=[0.5]))
+        self.rec.send_columns(path, indexes=[rr.TimeColumn(TIMELINE, duration=times)],
+                              columns=rr.Scalars.columns(scalars=values))
+
+    def _joints(self, state: JointState) -> None:
+        path = f"joints/{state.stream}/position"
+        self._once(path, rr.SeriesLines(names=[f"{n} measured" for n in state.names]))
+        self.rec.set_time(TIMELINE, duration=_time(state.t_capture_ns))
+        self.rec.log(path, rr.Scalars(np.asarray(state.position, np.float64)))
+
+    # -- predictions ------------------------------------------------------------------------
+
+    def _prediction(self, pred: Prediction) -> None:
+        self.rec.set_time(TIMELINE, duration=_time(pred.t_ref_ns))
+        self._latency(pred)
+        if "command_posterior" in pred.arrays:
+            self._speech(pred)
+        if "actions" in pred.arrays and "step_times_ns" in pred.arrays:
+            self._action(pred)
+
+    def _latency(self, pred: Prediction) -> None:
+        path = f"latency/{pred.stream}"
+        self._once(path, rr.SeriesLines(names=list(LATENCY_NAMES)))
+        self.rec.log(path, rr.Scalars(latency_ms(pred)))
+        if pred.late:
+            self.stats.late[pred.stream] += 1
+            late_ms = (pred.t_publish_ns - pred.deadline_ns) / 1e6
+            self.rec.log("events", rr.TextLog(
+                f"{pred.stream} seq {pred.seq} late: published {late_ms:.2f} ms after its "
+                "deadline", level="WARN"))
+        misses = f"deadline_misses/{pred.stream}"
+        self._once(misses, rr.SeriesLines(names=[f"{pred.stream} late"], colors=[_RED]))
+        self.rec.log(misses, rr.Scalars(float(self.stats.late[pred.stream])))
+
+    def _speech(self, pred: Prediction) -> None:
+        fields, topic = pred.fields, pred.stream
+        for name in ("voice_activity", "active_speaker"):
+            value = fields.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._once(f"{topic}/{name}", rr.SeriesLines(names=[name]))
+                self.rec.log(f"{topic}/{name}", rr.Scalars(float(value)))
+        posterior = np.asarray(pred.arrays["command_posterior"], np.float64)
+        names = list(COMMANDS) if len(posterior) == len(COMMANDS) else [
+            f"class {i}" for i in range(len(posterior))]
+        self._once(f"{topic}/command_posterior", rr.SeriesLines(names=names))
+        self.rec.log(f"{topic}/command_posterior", rr.Scalars(posterior))
+        command = fields.get("command")
+        if isinstance(command, str) and command != self._last_command.get(topic):
+            self._last_command[topic] = command
+            confidence = fields.get("command_confidence")
+            detail = f" ({confidence:.2f})" if isinstance(confidence, float) else ""
+            self.rec.log(f"{topic}/command", rr.TextLog(f"{command}{detail}", level="INFO"))
+        speech = self._speech_by_topic.get(topic)
+        score = fields.get("active_speaker")
+        size = self._image_size.get(speech.camera) if speech is not None else None
+        if speech is not None and size is not None and isinstance(score, float):
+            x, y, w, h = (v / self.stride for v in speech.mouth_roi)
+            talking = bool(fields.get("speaker_visible_talking"))
+            self.rec.log(f"camera/{speech.camera}/mouth_roi", rr.Boxes2D(
+                mins=[[x, y]], sizes=[[w, h]], labels=[f"active speaker {score:.2f}"],
+                colors=[_GREEN if talking else _GREY], show_labels=True))
+
+    def _action(self, pred: Prediction) -> None:
+        actions = np.asarray(pred.arrays["actions"], np.float64)
+        step_times = np.asarray(pred.arrays["step_times_ns"], np.int64)
+        if actions.ndim != 2 or len(actions) == 0 or len(step_times) != len(actions):
+            return
+        names = pred.fields.get("joint_names")
+        if not (isinstance(names, list) and len(names) == actions.shape[1]):
+            names = [f"joint {i}" for i in range(actions.shape[1])]
+        due = due_step(step_times, pred.deadline_ns)  # drawn at its own time
+        path = f"{pred.stream}/targets"
+        self._once(path, rr.SeriesLines(names=[f"{n} target" for n in names]))
+        self.rec.set_time(TIMELINE, duration=_time(int(step_times[due])))
+        self.rec.log(path, rr.Scalars(actions[due]))
+        self.rec.set_time(TIMELINE, duration=_time(pred.t_ref_ns))
+        for camera, (width, height) in self._image_size.items():
+            first = arm_points(actions[0], width, height)
+            last = arm_points(actions[-1], width, height)
+            tip = np.stack([arm_points(a, width, height)[-1] for a in actions])
+            # Grey: the arm at the chunk's first step; green: at its last; yellow: the tip's
+            # path through every step.
+            self.rec.log(f"camera/{camera}/action_chunk", rr.LineStrips2D(
+                [first, last, tip], colors=[_GREY, _GREEN, (250, 200, 40)],
+                radii=[1.0, 1.5, 1.0]))
+
+    def _health(self, health: Health) -> None:
+        engines = health.stats.get("engines")
+        if not isinstance(engines, dict):
+            return
+        self.rec.set_time(TIMELINE, duration=_time(health.t_capture_ns))
+        for name, stats in engines.items():
+            misses = stats.get("deadline_misses") if isinstance(stats, dict) else None
+            if isinstance(misses, int) and not isinstance(misses, bool):
+                self.stats.health_deadline_misses[name] = misses
+                self.rec.log(f"health/{name}/deadline_misses", rr.Scalars(float(misses)))
+
+
+def blueprint(cameras: Iterable[str], audio: Iterable[str], joints: Iterable[str],
+              speech: Iterable[str], action: Iterable[str]) -> rrb.Blueprint:
+    """The default layout: scene and mouth on the left, time series on the right."""
+    cameras, audio, joints = list(cameras), list(audio), list(joints)
+    speech, action = list(speech), list(action)
+    images: list[Any] = [rrb.Spatial2DView(name=c, origin=f"camera/{c}") for c in cameras]
+    images += [rrb.Spatial2DView(name=f"mouth {c}", origin=f"mouth/{c}") for c in cameras]
+    series: list[Any] = [rrb.TimeSeriesView(
+        name="audio and voice activity",
+        contents=[f"audio/{a}/waveform" for a in audio]
+        + [f"{s}/{n}" for s in speech for n in ("voice_activity", "active_speaker")])]
+    series += [rrb.TimeSeriesView(name=f"{s} command posterior",
+                                  contents=[f"{s}/command_posterior"]) for s in speech]
+    series.append(rrb.TimeSeriesView(
+        name="joints: measured and targets",
+        contents=[f"joints/{j}/position" for j in joints] + [f"{a}/targets" for a in action]))
+    series.append(rrb.TimeSeriesView(name="latency from capture (ms)",
+                                     contents=["latency/**"]))
+    series.append(rrb.TimeSeriesView(name="deadline misses",
+                                     contents=["deadline_misses/**", "health/**"]))
+    logs = rrb.TextLogView(name="events", contents=["events", *(f"{s}/command" for s in speech)])
+    # Following the newest data: live, the views keep up with the node; for a log, they
+    # open on its end, with every panel filled (scrub the timeline to go back).
+    return rrb.Blueprint(
+        rrb.Horizontal(rrb.Vertical(*images, logs,
+                                    row_shares=[3] * len(cameras) + [2] * len(cameras) + [2]),
+                       rrb.Vertical(*series), column_shares=[2, 3]),
+        rrb.BlueprintPanel(state="collapsed"), rrb.SelectionPanel(state="collapsed"),
+        rrb.TimePanel(state="expanded", timeline=TIMELINE, play_state="following"))
+
+
+def open_recording(save: str | None, connect: str | None, recording_id: str | None,
+                   layout: rrb.Blueprint) -> rr.RecordingStream:
+    """A recording that writes an .rrd (`save`), streams to a viewer at `connect`, or
+    spawns a local viewer; wall-clock log time is off (the node's clock is the timeline)."""
+    recording = rr.RecordingStream(APPLICATION_ID, recording_id=recording_id)
+    recording.set_log_time_enabled(False)
+    recording.set_log_tick_enabled(False)
+    if save is not None:
+        recording.save(save, default_blueprint=layout)
+    elif connect is not None:
+        recording.connect_grpc(connect, default_blueprint=layout)
+    else:
+        recording.spawn(default_blueprint=layout)
+    return recording
+
+
+def _kind_of_topics(config: NodeConfig) -> dict[str, list[str]]:
+    from fusion_node.config import DRIVER_KIND_TO_SAMPLE
+
+    kinds: dict[str, list[str]] = {"frame": [], "audio": [], "joints": []}
+    for driver in config.drivers:
+        kinds.setdefault(DRIVER_KIND_TO_SAMPLE[driver.kind], []).append(driver.stream)
+    for stream in config.streams:
+        kinds.setdefault(stream.kind, []).append(stream.name)
+    return kinds
+
+
+def _layout_for(kinds: dict[str, list[str]], config: NodeConfig) -> rrb.Blueprint:
+    speech = [e.topic for e in config.engines if e.binding == "speech"]
+    action = [e.topic for e in config.engines if e.binding == "action"]
+    return blueprint(kinds.get("frame", []), kinds.get("audio", []), kinds.get("joints", []),
+                     speech, action)
+
+
+def log_config(path: str) -> NodeConfig:
+    """The launch config stored in the log `path`, else the embedded default."""
+    from fusion_node.config import load_config
+    from fusion_node.logs.mcap_format import LogReader
+    from fusion_node.logs.replay import config_from_log
+
+    with LogReader(path) as reader:
+        config = config_from_log(path, reader.metadata())
+    if config is None:
+        log.info("%s holds no launch config: the mouth box is the embedded default's", path)
+        return load_config(None)
+    return config
+
+
+def view_log(path: str, *, config: NodeConfig | None = None, save: str | None = None,
+             connect: str | None = None, duration_s: float | None = None,
+             image_stride: int = DEFAULT_IMAGE_STRIDE) -> ViewStats:
+    """Log every protocol message of the MCAP log `path` (the first `duration_s` seconds of
+    it, by receive time) into Rerun. The mouth box comes from `config`, else the launch
+    config stored in the log, else the embedded default."""
+    from fusion_node.logs.mcap_format import LogReader
+
+    started = time.monotonic()
+    config = config or log_config(path)
+    with LogReader(path) as reader:
+        kinds = {k: reader.topics([k]) for k in ("frame", "audio", "joints")}
+        recording = open_recording(save, connect, None, _layout_for(kinds, config))
+        logger = RerunLogger(recording, speech_views(config), image_stride)
+        first_ns: int | None = None
+        try:
+            for message in reader.messages():
+                if first_ns is None:
+                    first_ns = message.log_time_ns
+                if duration_s is not None and message.log_time_ns - first_ns > duration_s * 1e9:
+                    break
+                logger.log(message.decode(path))
+        finally:
+            recording.flush()
+            recording.disconnect()
+    logger.stats.wall_s = time.monotonic() - started
+    return logger.stats
+
+
+def view_live(endpoints: Sequence[str], config: NodeConfig, *, save: str | None = None,
+              connect: str | None = None, duration_s: float | None = None,
+              image_stride: int = DEFAULT_IMAGE_STRIDE,
+              stop: threading.Event | None = None) -> ViewStats:
+    """Subscribe to `endpoints` and log what arrives until `duration_s` has passed or `stop`
+    is set. The viewer only subscribes: PUB sockets drop what it cannot keep up with (seen
+    here as `seq_gaps`), so it cannot hold the node back."""
+    import zmq
+
+    from fusion_node.transport import Subscriber
+
+    if not endpoints:
+        raise ConfigError("view: no endpoint to subscribe to")
+    started = time.monotonic()
+    recording = open_recording(save, connect, None, _layout_for(_kind_of_topics(config), config))
+    logger = RerunLogger(recording, speech_views(config), image_stride)
+    context = zmq.Context()
+    subscriber = Subscriber(context, endpoints, MonotonicClock(), topics=("",))
+    end = None if duration_s is None else started + duration_s
+    try:
+        while (end is None or time.monotonic() < end) and not (stop and stop.is_set()):
+            msg = subscriber.recv(timeout_ms=_RECV_TIMEOUT_MS)
+            if msg is not None:
+                logger.log(msg)
+    finally:
+        logger.stats.rejected.update(subscriber.rejected)
+        subscriber.close()
+        context.term()
+        recording.flush()
+        recording.disconnect()
+    logger.stats.wall_s = time.monotonic() - started
+    return logger.stats

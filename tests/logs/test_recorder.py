@@ -1,0 +1,326 @@
+"""Recording: the MCAP layout, the bounded recorder, the node's recording buffer, and a
+recorder process killed mid-run."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zmq
+from mcap.exceptions import EndOfFile
+from mcap.reader import make_reader
+from mcap.records import Chunk
+from mcap.stream_reader import StreamReader, breakup_chunk
+
+from fusion_node.alignment import JointsInput
+from fusion_node.cli.log import with_record
+from fusion_node.cli.main import build_parser
+from fusion_node.clock import ReplayClock
+from fusion_node.config import parse_config
+from fusion_node.errors import ConfigError, ReplayError
+from fusion_node.logs.inspect import recover
+from fusion_node.logs.mcap_format import (
+    RECORDING_END_METADATA,
+    WINDOW_CUTS_TOPIC,
+    LogReader,
+    LogWriter,
+    frame_parts,
+    topic_matches,
+    unframe,
+)
+from fusion_node.logs.recorder import Recorder, RecordingBuffer
+from fusion_node.protocol import AudioChunk, Frame, Health, JointState, Prediction, decode, encode
+
+T0 = 5_000_000_000
+
+
+def joints(seq: int, t_ns: int) -> JointState:
+    return JointState("joints.arm", seq, t_ns, ("a", "b", "c"), np.full(3, 0.1 * seq),
+                      np.zeros(3), np.ones(3))
+
+
+def messages() -> list:
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    return [
+        Frame("camera.front", 0, T0, image, "rgb8"),
+        AudioChunk("audio.mic0", 0, T0 + 1, 16_000, 0,
+                   rng.integers(-3000, 3000, (160, 1)).astype(np.int16)),
+        AudioChunk("audio.f32", 0, T0 + 2, 48_000, 0,
+                   rng.uniform(-1, 1, (480, 2)).astype(np.float32)),
+        joints(0, T0 + 3),
+        Prediction("pred.speech", 0, T0 + 4, T0 + 40_000_004, "speech", "abc", {"a": True},
+                   {"command": "go", "p": 0.5}, {"x": np.arange(6, dtype=np.float32)},
+                   {"t_ready_ns": T0}, t_publish_ns=T0 + 40_000_005),
+        Health("node.health", 0, T0 + 5, {"uptime_s": 1.0}),
+    ]
+
+
+def wire(msg) -> list[bytes]:
+    return [bytes(memoryview(part)) for part in encode(msg)]
+
+
+def test_each_message_is_framed_losslessly():
+    for msg in messages():
+        data = frame_parts(encode(msg))
+        parts = unframe(data)
+        assert [bytes(p) for p in parts] == wire(msg)
+        assert wire(decode(parts)) == wire(msg)
+
+
+@pytest.mark.parametrize("data", [b"", b"\x01\x00\x00\x00", b"\x02\x00\x00\x00\x01\x00",
+                                  b"\x02\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00ab!"])
+def test_malformed_framing_is_a_replay_error(data):
+    with pytest.raises(ReplayError):
+        unframe(data)
+
+
+def test_log_round_trip_with_foxglove_previews(tmp_path):
+    path = str(tmp_path / "log.mcap")
+    writer = LogWriter(path, metadata={"source": "test"})
+    originals = messages()
+    # Written out of log-time order: the reader returns log-time order.
+    for index, msg in reversed(list(enumerate(originals))):
+        writer.write(msg, T0 + 100 + index)
+    writer.close()
+
+    with LogReader(path) as reader:
+        got = list(reader.messages())
+    assert [m.log_time_ns for m in got] == [T0 + 100 + i for i in range(len(originals))]
+    for message, msg in zip(got, originals):
+        assert message.topic == msg.stream
+        assert message.publish_time_ns == msg.t_capture_ns  # capture time; t_ref if predicted
+        decoded = message.decode(path)
+        assert wire(decoded) == wire(msg)
+        assert decoded.t_receive_ns == message.log_time_ns
+
+    with open(path, "rb") as file:
+        reader = make_reader(file)
+        summary = reader.get_summary()
+        schemas = {c.topic: summary.schemas[c.schema_id].name for c in summary.channels.values()}
+        assert schemas["camera.front"] == "fusion_node.frame"
+        assert schemas["pred.speech"] == "fusion_node.prediction"
+        assert schemas["preview/camera.front"] == "foxglove.RawImage"
+        assert schemas["preview/audio.mic0"] == "foxglove.RawAudio"
+        previews = {c.topic: json.loads(m.data) for _, c, m in reader.iter_messages(
+            topics=["preview/camera.front", "preview/audio.mic0", "preview/audio.f32"])}
+    image = previews["preview/camera.front"]
+    assert (image["width"], image["height"], image["encoding"], image["step"]) == \
+        (32, 24, "rgb8", 96)
+    assert base64.b64decode(image["data"]) == originals[0].image[::2, ::2].tobytes()
+    assert image["timestamp"] == {"sec": 5, "nsec": 0}
+    audio = previews["preview/audio.mic0"]
+    assert (audio["format"], audio["sample_rate"], audio["number_of_channels"]) == \
+        ("pcm-s16", 16_000, 1)
+    assert base64.b64decode(audio["data"]) == originals[1].samples.tobytes()
+    stereo = np.frombuffer(base64.b64decode(previews["preview/audio.f32"]["data"]), "<i2")
+    assert stereo.shape == (960,) and np.abs(stereo).max() <= 32767
+
+
+def test_chunk_indexes_live_on_disk_and_index_the_finished_log(tmp_path):
+    path = str(tmp_path / "log.mcap")
+    writer = LogWriter(path, chunk_size=4096, preview_hz=0)
+    image = np.random.default_rng(2).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    for seq in range(300):  # each 9 KB frame closes a chunk
+        writer.write(Frame("camera.front", seq, T0 + seq * 1000, image, "rgb8"), T0 + seq)
+        writer.write(joints(seq, T0 + seq * 1000), T0 + seq)
+    assert not isinstance(writer._writer._Writer__chunk_indices, list)
+    writer.close()
+    assert sorted(os.listdir(tmp_path)) == ["log.mcap"]  # the spill file is gone
+
+    with open(path, "rb") as file:
+        reader = make_reader(file)
+        summary = reader.get_summary()
+        assert summary.statistics.chunk_count >= 300
+        assert len(summary.chunk_indexes) == summary.statistics.chunk_count
+        assert [i.chunk_start_offset for i in summary.chunk_indexes] == \
+            sorted({i.chunk_start_offset for i in summary.chunk_indexes})
+        # The index is what a seeking reader uses for a time range.
+        window = list(reader.iter_messages(topics=["camera.front"], starting_at=T0 + 100,
+                                           ending_before=T0 + 110))
+    assert [m.sequence for _, _, m in window] == list(range(100, 110))
+
+
+def test_recorder_drops_and_counts_when_its_queue_is_full(tmp_path):
+    path = str(tmp_path / "full.mcap")
+    recorder = Recorder(path, ReplayClock(T0), max_queue_messages=3)
+    # Not started: nothing drains the queue, so the bound is hit deterministically.
+    accepted = [recorder.offer(joints(i, T0 + i), log_time_ns=T0 + i) for i in range(5)]
+    assert accepted == [True, True, True, False, False]
+    assert recorder.stats()["dropped"] == {"joints.arm": 2}
+    recorder.close()
+    with LogReader(path) as reader:
+        assert [m.decode(path).seq for m in reader.messages()] == [0, 1, 2]
+        end = reader.metadata()[RECORDING_END_METADATA]
+    assert json.loads(end["dropped"]) == {"joints.arm": 2}
+
+
+def test_recorder_selects_topics_and_stops_after_its_duration(tmp_path):
+    path = str(tmp_path / "short.mcap")
+    clock = ReplayClock(T0)
+    recorder = Recorder(path, clock, topics=["joints.", "pred.speech"],
+                        duration_ns=1_000_000_000)
+    recorder.start()
+    frame = messages()[0]
+    assert not recorder.offer(frame, log_time_ns=T0)
+    assert recorder.offer(joints(0, T0), log_time_ns=T0 + 1)
+    assert not recorder.offer(joints(1, T0), log_time_ns=T0 + 1_000_000_000)
+    deadline = time.monotonic() + 10
+    while not recorder.finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert recorder.finished  # the file is finished without waiting for close()
+    recorder.close()
+    with LogReader(path) as reader:
+        assert [m.topic for m in reader.messages()] == ["joints.arm"]
+    assert topic_matches("pred.action", ["pred."]) and not topic_matches("pred.action", ["pred"])
+
+
+def test_recording_buffer_logs_pushes_and_cuts_in_the_order_they_happened(tmp_path):
+    class Runner:
+        topic = "pred.test"
+
+        class binding:
+            spec = (JointsInput("joints.arm"),)
+
+    path = str(tmp_path / "cuts.mcap")
+    clock = ReplayClock(T0)  # a frozen clock: stamps still strictly increase
+    buffer = RecordingBuffer({"joints.arm": 8}, clock)
+    recorder = Recorder(path, clock)
+    buffer.attach(recorder, [Runner])
+    buffer.push(joints(0, T0 - 10_000_000))
+    window = buffer.window(T0 - 10_000_000, Runner.binding.spec)
+    buffer.push(joints(1, T0 - 5_000_000))
+    buffer.window(T0, (JointsInput("joints.arm"),))  # not an engine's window: not logged
+    recorder.close()
+    assert window.mask == {"joints.arm": True}
+    with LogReader(path) as reader:
+        logged = list(reader.messages(["joints.arm", WINDOW_CUTS_TOPIC]))
+    assert [(m.topic, m.log_time_ns) for m in logged] == [
+        ("joints.arm", T0), (WINDOW_CUTS_TOPIC, T0 + 1), ("joints.arm", T0 + 2)]
+    assert json.loads(logged[1].data) == {"topic": "pred.test", "t_ref_ns": T0 - 10_000_000}
+
+
+def test_record_table_in_launch_files():
+    config = parse_config('[record]\npath = "out.mcap"\ntopics = ["pred."]\nduration_s = 2.5\n'
+                          'compression = "zstd"\npreview_hz = 0\nchunk_size_kb = 256\n', "t")
+    record = config.record
+    assert record is not None
+    assert (record.path, record.topics, record.duration_ns, record.compression,
+            record.preview_hz, record.chunk_size) == ("out.mcap", ("pred.",), 2_500_000_000,
+                                                      "zstd", 0.0, 256 * 1024)
+    assert parse_config("", "t").record is None
+    for bad, message in (('[record]\npath = "o"\ncompression = "gzip"', "compression"),
+                         ('[record]\npath = "o"\nduration_s = 0', "duration_s"),
+                         ('[record]\npaht = "o"', "missing required key 'path'")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config(bad, "t")
+
+
+def test_unwritable_log_path_is_one_clear_error(tmp_path):
+    with pytest.raises(ReplayError, match="cannot write log"):
+        Recorder(str(tmp_path / "missing" / "x.mcap"), ReplayClock())
+
+
+# -- a recorder process killed with SIGKILL ------------------------------------------------
+
+CHUNK_SIZE = 16 * 1024
+SENT = 1000
+
+
+def complete_chunk_messages(path: str) -> int:
+    """Messages in the chunks of `path` that were written whole, read independently of
+    `recover`."""
+    count = 0
+    with open(path, "rb") as file:
+        records = StreamReader(file, emit_chunks=True, validate_crcs=True).records
+        # The file may end inside a record: stop there.
+        with contextlib.suppress(EndOfFile, struct.error):
+            for record in records:
+                if isinstance(record, Chunk):
+                    count += sum(1 for r in breakup_chunk(record, validate_crc=True)
+                                 if type(r).__name__ == "Message")
+    return count
+
+
+def expected_on_disk(tmp_path, sent: list[JointState]) -> int:
+    """What a recorder writing `sent` has on disk before it finishes: the same writer and
+    settings, stopped before close()."""
+    path = str(tmp_path / "expected.mcap")
+    writer = LogWriter(path, compression="none", chunk_size=CHUNK_SIZE, preview_hz=0,
+                       flush_interval_ns=10**15)
+    for msg in sent:
+        writer.write(msg, msg.t_capture_ns)
+    count = complete_chunk_messages(path)
+    writer.abort()
+    return count
+
+
+def test_sigkilled_recorder_loses_only_the_chunk_in_memory(tmp_path):
+    context = zmq.Context()
+    # XPUB: the test sees the recorder's subscription arrive, so nothing is sent too early.
+    publisher = context.socket(zmq.XPUB)
+    publisher.setsockopt(zmq.SNDHWM, 0)
+    publisher.setsockopt(zmq.LINGER, 0)
+    endpoint = f"ipc://{tmp_path}/joints.ipc"
+    publisher.bind(endpoint)
+    out = tmp_path / "killed.mcap"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fusion_node.cli", "record", str(out), "--endpoint", endpoint,
+         "--compression", "none", "--chunk-size", str(CHUNK_SIZE), "--preview-hz", "0",
+         "--flush-interval", "1000000"], stderr=subprocess.DEVNULL)
+    try:
+        poller = zmq.Poller()
+        poller.register(publisher, zmq.POLLIN)
+        assert poller.poll(30_000), "the recorder never subscribed"
+        assert publisher.recv() == b"\x01"
+        sent = [joints(seq, T0 + seq * 5_000_000) for seq in range(SENT)]
+        for msg in sent:
+            publisher.send_multipart(encode(msg))
+        expected = expected_on_disk(tmp_path, sent)
+        # Wait until the recorder has written every chunk it will write before finishing.
+        deadline = time.monotonic() + 30
+        while complete_chunk_messages(str(out)) < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        publisher.close()
+        context.term()
+
+    assert 0 < expected < SENT
+    per_chunk = CHUNK_SIZE // len(frame_parts(encode(sent[0]))) + 1
+    assert SENT - expected <= per_chunk  # at most one chunk was lost
+    with pytest.raises(ReplayError, match="incomplete"):
+        LogReader(str(out))
+    fixed = str(tmp_path / "fixed.mcap")
+    result = recover(str(out), fixed)
+    assert result.messages == expected and not result.was_complete
+    with LogReader(fixed) as reader:
+        recovered = [m.decode(fixed) for m in reader.messages()]
+    assert [m.seq for m in recovered] == list(range(expected))
+    assert all(wire(got) == wire(msg) for got, msg in zip(recovered, sent))
+    assert os.path.getsize(fixed) > 0
+
+
+def test_command_line_options_override_only_what_they_name():
+    config = parse_config('[record]\npath = "a.mcap"\ncompression = "zstd"\npreview_hz = 2\n',
+                          "t")
+    args = build_parser().parse_args(["record", "b.mcap", "--preview-hz", "0",
+                                      "--topics", "pred."])
+    record = with_record(config, args).record
+    assert (record.path, record.compression, record.preview_hz, record.topics) == \
+        ("b.mcap", "zstd", 0.0, ("pred.",))
+    run = with_record(config, build_parser().parse_args(["run", "--record", "c.mcap"])).record
+    assert (run.path, run.compression, run.preview_hz) == ("c.mcap", "zstd", 2.0)

@@ -1,0 +1,202 @@
+"""Replay: a fresh recording of the live node verifies against itself, differences are named,
+replays are deterministic, and the timed publisher follows the log's clock."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mcap.reader import make_reader
+from mcap.writer import Writer
+
+from fusion_node.cli import main
+from fusion_node.config import RecordConfig, load_config
+from fusion_node.logs.inspect import log_info
+from fusion_node.logs.mcap_format import LogReader, frame_parts, unframe
+from fusion_node.logs.replay import config_from_log, publish_log, replay_config, replay_through_node
+from fusion_node.node import Node
+from fusion_node.protocol import Prediction, decode, encode
+
+SAMPLE = str(Path(__file__).parents[1] / "data" / "sample.mcap")
+EXPECTED_HZ = {"camera.front": 30, "audio.mic0": 100, "joints.arm": 200, "camera.scene": 25,
+               "pred.speech": 30, "pred.action": 25}
+
+
+@pytest.fixture(scope="module")
+def live_log(tmp_path_factory) -> str:
+    """About 3 s of the embedded default, recorded by the node itself."""
+    path = str(tmp_path_factory.mktemp("live") / "live.mcap")
+    config = dataclasses.replace(load_config(), pub="tcp://127.0.0.1:*",
+                                 record=RecordConfig(path))
+
+    async def run() -> None:
+        node = Node(config)
+        stop = asyncio.Event()
+        task = asyncio.create_task(node.run(stop))
+        await asyncio.wait_for(node.ready.wait(), 30)
+        await asyncio.sleep(3.0)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(run())
+    return path
+
+
+def rewrite(src: str, dst: str, topic: str, change: Callable[[Prediction], None]) -> None:
+    """Copy a log, applying `change` to every prediction on `topic`."""
+    with open(src, "rb") as file, open(dst, "wb") as out:
+        reader = make_reader(file)
+        summary = reader.get_summary()
+        assert summary is not None
+        writer = Writer(out)
+        writer.start()
+        schemas = {i: writer.register_schema(s.name, s.encoding, s.data)
+                   for i, s in summary.schemas.items()}
+        channels = {i: writer.register_channel(c.topic, c.message_encoding,
+                                               schemas.get(c.schema_id, 0), c.metadata)
+                    for i, c in summary.channels.items()}
+        for metadata in reader.iter_metadata():
+            writer.add_metadata(metadata.name, metadata.metadata)
+        for _, channel, message in reader.iter_messages(log_time_order=False):
+            data = message.data
+            if channel.topic == topic:
+                prediction = decode(unframe(data))
+                assert isinstance(prediction, Prediction)
+                prediction.arrays = {k: v.copy() for k, v in prediction.arrays.items()}
+                change(prediction)
+                data = frame_parts(encode(prediction))
+            writer.add_message(channels[channel.id], message.log_time, data,
+                               message.publish_time, message.sequence)
+        writer.finish()
+
+
+def test_live_recording_holds_every_topic_at_its_rate_without_gaps(live_log):
+    info = log_info(live_log)
+    assert info["complete"] and info["error"] is None
+    topics = info["topics"]
+    for topic, rate_hz in EXPECTED_HZ.items():
+        assert topics[topic]["rate_hz"] == pytest.approx(rate_hz, rel=0.01), topic
+    assert topics["node.health"]["count"] >= 2
+    for topic, stats in topics.items():
+        assert (stats["gaps"], stats["restarts"]) == (0, 0), topic
+    assert topics["audio.mic0"]["lost_samples"] == 0
+    assert info["undecodable"] == {} and info["recorder_dropped"] == {}
+    assert set(info["other_channels"]) == {"preview/camera.front", "preview/camera.scene",
+                                           "preview/audio.mic0", "node.window_cuts"}
+    # Every protocol message in the file decoded (log_info decodes each one).
+    with LogReader(live_log) as reader:
+        assert sum(1 for _ in reader.messages()) == info["messages"]
+
+
+def test_verify_passes_on_the_untouched_log(live_log):
+    config, source = replay_config(live_log, None)
+    assert source == "the log's launch config"
+    result = replay_through_node(live_log, config, verify=True)
+    assert result.difference is None
+    topics = log_info(live_log)["topics"]
+    assert result.compared == topics["pred.speech"]["count"] + topics["pred.action"]["count"]
+
+
+def test_verify_reports_a_different_model_hash(live_log, tmp_path, capsys):
+    changed = str(tmp_path / "other_model.mcap")
+    rewrite(live_log, changed, "pred.speech",
+            lambda p: setattr(p, "model_hash", "0123456789abcdef"))
+    config, _ = replay_config(changed, None)
+    result = replay_through_node(changed, config, verify=True)
+    assert result.difference is not None
+    assert result.difference.startswith("pred.speech: model hash differs")
+    assert "0123456789abcdef" in result.difference
+
+    assert main(["--log-level", "WARNING", "replay", changed, "--verify"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("fusion-node: error: verify failed")
+    assert "model hash differs" in error[0]
+
+
+def test_verify_names_the_first_changed_value(live_log, tmp_path):
+    with LogReader(live_log) as reader:
+        t_refs = [m.decode(live_log).t_ref_ns for m in reader.messages(["pred.action"])]
+    target = t_refs[5]
+
+    def nudge(prediction: Prediction) -> None:
+        if prediction.t_ref_ns == target:
+            prediction.arrays["actions"][2, 1] += 0.5
+
+    changed = str(tmp_path / "nudged.mcap")
+    rewrite(live_log, changed, "pred.action", nudge)
+    config, _ = replay_config(changed, None)
+    result = replay_through_node(changed, config, verify=True)
+    assert result.difference is not None
+    assert result.difference.startswith(f"pred.action at t_ref {target}: array 'actions' "
+                                        "differs at [2, 1]")
+    assert "1 of 60 elements differ, max by 0.5" in result.difference
+
+
+@pytest.mark.parametrize("timing", ["log", "schedule"])
+def test_two_replays_give_byte_identical_predictions(tmp_path, timing):
+    config = load_config()
+    outputs = []
+    for run in range(2):
+        out = str(tmp_path / f"run{run}.mcap")
+        result = replay_through_node(SAMPLE, config, out_path=out, timing=timing)
+        assert result.predictions["pred.speech"] > 100 and result.predictions["pred.action"] > 80
+        with LogReader(out) as reader:
+            outputs.append([(m.topic, m.log_time_ns, m.data) for m in reader.messages()])
+    assert outputs[0] == outputs[1]
+    assert sum(result.predictions.values()) == len(outputs[0])
+
+
+def test_the_log_stores_the_config_it_ran():
+    with LogReader(SAMPLE) as reader:
+        config = config_from_log(SAMPLE, reader.metadata())
+    assert config is not None
+    # The sample was recorded from the embedded default of its day (before the simulated
+    # arm brought its scene camera): the log's own config, not today's default.
+    assert set(config.capacities()) == {"camera.front", "audio.mic0", "joints.arm",
+                                        "pred.speech", "pred.action"}
+    assert [e.name for e in config.engines] == ["speech", "action"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.sleeps: list[int] = []
+
+    def now_ns(self) -> int:
+        return 1_000
+
+    def sleep_until(self, t_ns: int) -> None:
+        self.sleeps.append(t_ns)
+
+
+def test_timed_replay_follows_the_log_clock_scaled_by_rate():
+    with LogReader(SAMPLE) as reader:
+        times = [m.log_time_ns for m in reader.messages(["pred.speech", "pred.action"])]
+    clock = FakeClock()
+    sent: list = []
+    stats = publish_log(SAMPLE, sent.append, clock, rate=2.0, topics=["pred."])
+    assert clock.sleeps == [1_000 + round((t - times[0]) / 2) for t in times]
+    assert stats.messages == len(sent) == len(times) and stats.passes == 1
+    assert all(isinstance(decode(parts), Prediction) for parts in sent)
+
+    clock = FakeClock()
+    stop = threading.Event()
+
+    def send(parts: list) -> None:
+        sent.append(parts)
+        if len(sent) >= 3 * len(times):
+            stop.set()
+
+    sent.clear()
+    stats = publish_log(SAMPLE, send, clock, fast=True, loop=True, topics=["pred."], stop=stop)
+    assert clock.sleeps == [] and stats.passes == 3 and stats.messages == 3 * len(times)
+
+
+def test_timed_replay_publishes_on_a_socket(tmp_path, capsys):
+    endpoint = f"ipc://{tmp_path}/replay.ipc"
+    assert main(["replay", SAMPLE, "--fast", "--pub", endpoint, "--start-delay", "0",
+                 "--topics", "node.health"]) == 0
+    assert '"messages": 4' in capsys.readouterr().out

@@ -405,6 +405,7 @@ def test_fast_path_still_rejects_everything(pair: tuple[zmq.Socket, zmq.Socket])
         "bad_field": [good[0], header[:-52] + (-1).to_bytes(8, "big", signed=True)
                       + header[-44:], good[2]],  # seq = -1
         "size_mismatch": [good[0], header, bytes(good[2])[:-2]],
+        "size_mismatch ": [good[0], header, bytes(good[2]) + b"\0\0"],  # too long
         "bad_topic": [b"audio.mic1", header, good[2]],
         "too_many_parts": [good[0], header, good[2], b""],
     }

@@ -43,6 +43,10 @@ def test_publisher_sends_in_deadline_order_at_the_deadline():
             if len(sent) >= due:
                 break
             threading.Event().wait(0.002)
+        if any(0 < d - t <= 2 * MS for d in deadlines):
+            # A deadline is near: give the publisher thread time to act on this instant
+            # too, so a message sent early would be here. (None ever is, however long.)
+            threading.Event().wait(0.03)
         # What is due has gone out; nothing whose deadline has not come yet went early.
         assert len(sent) == due
     publisher.stop()

@@ -21,6 +21,7 @@ import heapq
 import itertools
 import json
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -333,8 +334,10 @@ def replay_through_node(path: str, config: NodeConfig, *, out_path: str | None =
                 "model_hashes": json.dumps({r.topic: r.engine.model_hash for r in runners})})
         replay = _Replay(runners, ticks, logged, clock, buffer, sink, writer)
         first_ns = last_ns = None
+        read: Counter[str] = Counter()
         try:
             for message in reader.messages(inputs):
+                read[message.topic] += 1
                 replay.advance(message.log_time_ns, ticks_at_t=False)
                 clock.advance_to(message.log_time_ns)
                 buffer.push(message.decode(path))
@@ -348,6 +351,12 @@ def replay_through_node(path: str, config: NodeConfig, *, out_path: str | None =
         finally:
             if writer is not None:
                 writer.close()
+    # Every input the log holds reached the buffer once, as it reached the live node's.
+    undelivered = {t: (n, buffer.stats[t].received) for t, n in read.items()
+                   if buffer.stats[t].received != n}
+    if undelivered:
+        raise ReplayError(f"{path}: replay delivered a different number of inputs than the "
+                          f"log holds (topic: (logged, delivered)): {undelivered}")
     result.log_duration_ns = 0 if first_ns is None or last_ns is None else last_ns - first_ns
     result.predictions = {t: len(made) for t, made in replay.made.items()}
     result.missing_required = {r.topic: r.stats.missing_required for r in runners}

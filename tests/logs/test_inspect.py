@@ -28,8 +28,8 @@ SAMPLE = str(Path(__file__).parents[1] / "data" / "sample.mcap")
 def test_sample_log_info():
     info = log_info(SAMPLE)
     assert info["complete"] and info["protocol_version"] == "1" and info["source"] == "node"
-    assert set(info["topics"]) == {"camera.front", "audio.mic0", "joints.arm", "pred.speech",
-                                   "pred.action", "node.health"}
+    assert set(info["topics"]) == {"camera.front", "camera.scene", "audio.mic0", "joints.arm",
+                                   "pred.speech", "pred.action", "node.health"}
     assert all(t["gaps"] == 0 for t in info["topics"].values())
     assert info["topics"]["camera.front"]["rate_hz"] == pytest.approx(30, rel=0.01)
     assert info["recorder_dropped"] == {}

@@ -15,7 +15,7 @@ from fusion_node.config import load_config, parse_config
 from fusion_node.host.supervisor import RestartPolicy
 from fusion_node.protocol import Health, JointState, Prediction, encode
 from fusion_node.transport import Publisher
-from tests.conftest import ENGINES, run_node, running
+from tests.conftest import ACTION_GRID, ENGINES, SPEECH_GRID, assert_ticking, run_node, running
 
 
 async def test_default_config_publishes_fixed_latency_predictions():
@@ -37,9 +37,11 @@ async def test_default_config_publishes_fixed_latency_predictions():
         # `late` is timing, not correctness: it is measured by `bench pipeline`; here it
         # must only be consistent with the trace.
         assert all(m.late == (m.trace["t_ready_ns"] > m.deadline_ns) for m in msgs), topic
-    # Speech ticks on the 30 Hz grid; every modality was present.
-    periods = np.diff([m.t_ref_ns for m in speech])
-    assert set(np.unique(periods)) <= {33_333_333, 33_333_334}
+    # Speech ticks on the 30 Hz grid, and a tick a loaded machine lost is counted (missing
+    # input, error or skipped), never lost silently; every modality was present.
+    health_now = collector.on("node.health")[-1].stats["engines"]
+    assert_ticking(speech, SPEECH_GRID, health_now["speech"])
+    assert_ticking(action, ACTION_GRID, health_now["action"])
     assert speech[-1].mask == {"audio.mic0": True, "camera.front": True}
     assert speech[-1].arrays["command_posterior"].shape == (17,)
     assert abs(float(speech[-1].arrays["command_posterior"].sum()) - 1.0) < 1e-5
@@ -97,6 +99,8 @@ async def test_bad_messages_are_counted_and_the_node_keeps_running(tmp_path):
     controller = Publisher(context, endpoint)
     config = parse_config(EXTERNAL_JOINTS.replace("{endpoint}", endpoint), "test")
 
+    last_bad_ns = [0]
+
     def controller_loop(seconds: float) -> None:
         # A robot controller at 200 Hz whose stream is interleaved with malformed messages.
         end = time.monotonic() + seconds
@@ -105,9 +109,10 @@ async def test_bad_messages_are_counted_and_the_node_keeps_running(tmp_path):
             t = time.monotonic_ns()
             controller.send(JointState("joints.arm", seq, t, ("a", "b", "c"),
                                        np.full(3, 0.1), np.zeros(3), np.zeros(3)))
-            if seq % 50 == 10:
+            if seq % 50 == 10 and time.monotonic() < end - 1.5:  # a clean last 1.5 s
                 for _, parts in bad_messages(seq):
                     controller.send_parts(parts)
+                last_bad_ns[0] = time.monotonic_ns()
             seq += 1
             time.sleep(0.005)
 
@@ -122,7 +127,7 @@ async def test_bad_messages_are_counted_and_the_node_keeps_running(tmp_path):
     action = collector.on("pred.action")
     assert len(action) > 25
     # Predictions kept coming after the last batch of bad messages.
-    assert action[-1].t_ref_ns > time.monotonic_ns() - 2_000_000_000
+    assert any(p.t_ref_ns > last_bad_ns[0] for p in action)
     health = collector.on("node.health")[-1].stats
     assert health["rejected"]["bad_dtype"] >= 1
 
@@ -239,13 +244,6 @@ async def test_slow_subscriber_does_not_block_the_node():
 def test_config_errors_name_the_problem(text, message):
     from fusion_node.errors import ConfigError
 
-    if message is None:
-        config = parse_config(text, "t")
-        context = zmq.Context()
-        with pytest.raises(ConfigError, match="not loopback"):
-            Publisher(context, config.pub)
-        context.term()
-        return
     with pytest.raises(ConfigError) as info:
         parse_config(text, "t")
     assert message in str(info.value)

@@ -174,12 +174,20 @@ def test_rehearsal_infers_once_and_publishes_counts_and_changes_nothing():
 
 
 def test_a_failed_rehearsal_still_lets_the_runner_start():
-    clock = ReplayClock(10_000 * MS)
-    runner = speech_runner(clock, DeadlinePublisher(lambda parts: None, clock), audio_buffer())
+    clock = ReplayClock(2_000 * MS)  # the audio buffer holds 1.0-2.5 s: inference is reached
+    publisher = QueuingPublisher(clock)
+    runner = speech_runner(clock, publisher, audio_buffer())
+    working = runner.engine.infer
+    calls = []
 
     def broken(feeds):
+        calls.append(feeds)
         raise RuntimeError("backend not ready")
 
     runner.engine.infer = broken
-    runner.rehearse()  # audio is missing at 10 s, and inference fails: logged, not raised
-    assert runner.rehearsed.is_set() and runner.stats.errors == 0
+    runner.rehearse()  # logged, not raised
+    assert len(calls) == 1 and runner.rehearsed.is_set()
+    assert runner.stats.errors == 0 and publisher.queued == []  # a rehearsal counts nothing
+    runner.engine.infer = working
+    runner.tick(2_000 * MS)  # and the first real tick goes ahead
+    assert runner.stats.published == 1 and len(publisher.queued) == 1

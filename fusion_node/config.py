@@ -86,6 +86,7 @@ class RecordConfig:
     preview_hz: float = 10.0  # Foxglove camera preview rate; 0: no previews
     chunk_size: int = 1 << 20  # a crash loses at most the chunk in memory...
     flush_interval_ns: int = 1_000_000_000  # ...and at most this much time of it
+    overwrite: bool = False  # replace an existing log at `path` (the CLI's --force)
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,8 @@ def _record(data: Any) -> RecordConfig | None:
         compression=table.get("compression", str, "lz4"),
         preview_hz=table.get("preview_hz", float, 10.0),
         chunk_size=table.get("chunk_size_kb", int, 1024) * 1024,
-        flush_interval_ns=table.ms("flush_interval_ms", 1000.0))
+        flush_interval_ns=table.ms("flush_interval_ms", 1000.0),
+        overwrite=table.get("overwrite", bool, False))
     table.done()
     if record.preview_hz < 0 or record.chunk_size <= 0 or record.flush_interval_ns <= 0:
         raise ConfigError("record: preview_hz must not be negative, chunk_size_kb and "

@@ -320,7 +320,8 @@ class Node:
                                  duration_ns=record.duration_ns, compression=record.compression,
                                  chunk_size=record.chunk_size, preview_hz=record.preview_hz,
                                  flush_interval_ns=record.flush_interval_ns,
-                                 metadata=node_metadata(self.config, self.runners))
+                                 metadata=node_metadata(self.config, self.runners),
+                                 overwrite=record.overwrite)
         self.recorder.start()
         self.buffer.attach(self.recorder, self.runners)
 

@@ -7,6 +7,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
+from fusion_node.cli.files import add_force, check_output
 from fusion_node.errors import CalibrationError
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ def add_calibrate_parser(commands: Any) -> None:
     camera.add_argument("--square-mm", type=float, default=25.0, help="square size in mm")
     camera.add_argument("--name", default="camera", help="camera_name in the written file")
     camera.add_argument("--out", metavar="FILE", help="write the camera_info YAML here")
+    add_force(camera)
     av = which.add_parser("av-offset", help="audio-video offset from a recorded clap or "
                           "flash + beep, or from the speech model's lip-voice synchrony")
     av.add_argument("log", metavar="LOG.mcap")
@@ -59,6 +61,7 @@ def run_calibrate_command(args: argparse.Namespace) -> dict[str, Any]:
 def _camera(args: argparse.Namespace) -> dict[str, Any]:
     from fusion_node.calibration import calibrate_camera, parse_board, save_camera_info
 
+    check_output(args.out, args.force, "calibrate camera --out")
     result = calibrate_camera(args.source, parse_board(args.board), args.square_mm, args.name)
     if args.out:
         save_camera_info(args.out, result.info)

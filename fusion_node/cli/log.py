@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from fusion_node.cli.files import add_force, check_output
 from fusion_node.errors import ReplayError
 from fusion_node.host.signals import stop_on_signals
 
@@ -32,6 +33,7 @@ def add_log_parsers(commands: Any) -> None:
         "simulated robot) and record inside it. With --endpoint: record what running "
         "publishers send.")
     record.add_argument("record", metavar="OUT.mcap", help="log to write")
+    add_force(record)
     record.add_argument("--endpoint", action="append", default=[],
                         help="subscribe to this endpoint instead of running a node "
                         "(repeatable), e.g. tcp://127.0.0.1:5599")
@@ -71,6 +73,7 @@ def add_log_parsers(commands: Any) -> None:
     replay.add_argument("--config", help="launch file for --through-node (default: the one "
                         "stored in the log, else the embedded default)")
     replay.add_argument("--out", metavar="PRED.mcap", help="write the predictions here")
+    add_force(replay)
     replay.add_argument("--verify", action="store_true",
                         help="compare the predictions with those in the log; exit 1 on the "
                         "first difference (implies --through-node)")
@@ -87,6 +90,7 @@ def add_log_parsers(commands: Any) -> None:
                                  "into a complete, indexed one")
     recover.add_argument("broken", metavar="BROKEN.mcap")
     recover.add_argument("fixed", metavar="FIXED.mcap")
+    add_force(recover)
 
 
 def _record_config(args: argparse.Namespace, base: Any = None) -> Any:
@@ -100,6 +104,8 @@ def _record_config(args: argparse.Namespace, base: Any = None) -> Any:
         options["topics"] = tuple(args.topics)
     if getattr(args, "flush_interval", None) is not None:
         options["flush_interval_ns"] = round(args.flush_interval * 1e9)
+    if getattr(args, "force", False):
+        options["overwrite"] = True
     given = {name: value for name, value in options.items() if value is not None}
     return dataclasses.replace(base or RecordConfig(args.record), path=args.record, **given)
 
@@ -121,7 +127,8 @@ def _record_endpoints(args: argparse.Namespace) -> int:
     recorder = Recorder(record.path, clock, topics=record.topics,
                         compression=record.compression, chunk_size=record.chunk_size,
                         preview_hz=record.preview_hz, flush_interval_ns=record.flush_interval_ns,
-                        metadata={"source": "subscriber", "endpoints": json.dumps(args.endpoint)})
+                        metadata={"source": "subscriber", "endpoints": json.dumps(args.endpoint)},
+                        overwrite=record.overwrite)
     context = zmq.Context()
     stop = threading.Event()
     end_ns = None if args.duration is None else clock.now_ns() + round(args.duration * 1e9)
@@ -201,6 +208,7 @@ def run_log_command(args: argparse.Namespace,
     without --endpoint). Returns the exit status."""
     if args.command == "record":
         if args.endpoint:
+            check_output(args.record, args.force, "record")
             return _record_endpoints(args)
         if args.duration is None:
             print("fusion-node record: running the node until Ctrl-C", file=sys.stderr)
@@ -210,6 +218,7 @@ def run_log_command(args: argparse.Namespace,
         return 0
     if args.command == "replay":
         if args.through_node or args.verify or args.out:
+            check_output(args.out, args.force, "replay --out")
             return _replay_through_node(args)
         return _publish(args)
     if args.log_command == "info":
@@ -220,6 +229,7 @@ def run_log_command(args: argparse.Namespace,
         return 0
     from fusion_node.logs.inspect import recover
 
+    check_output(args.fixed, args.force, "log recover")
     result = recover(args.broken, args.fixed)
     state = "complete" if result.was_complete else f"stopped at byte {result.read_bytes} of " \
         f"{result.input_bytes}: {result.stop_reason}"

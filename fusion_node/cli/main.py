@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Any
 
+from fusion_node.cli.files import add_force, check_output
 from fusion_node.errors import FusionError
 from fusion_node.host.allocator import reexecute_with_jemalloc
 from fusion_node.host.signals import stop_on_signals
@@ -27,6 +28,8 @@ async def _run_node(args: argparse.Namespace) -> None:
         from fusion_node.cli.log import with_record
 
         config = with_record(config, args)
+    if config.record is not None:  # --record, or the launch file's [record] table
+        check_output(config.record.path, config.record.overwrite, "record path")
     node = Node(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, help="stop after this many seconds")
     run.add_argument("--pub", help="endpoint for pred.* and node.health "
                      "(default tcp://127.0.0.1:5599)")
+    add_force(run)
     run.add_argument("--record", metavar="OUT.mcap", help="record sensors, predictions and "
                      "health to an MCAP log (see `fusion-node record --help`)")
 

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from fusion_node.cli.files import add_force, check_output
 from fusion_node.errors import LOAD_FAILURES, ConfigError, load_failure
 
 VIEW_REMEDY = "install the `view` extra: pip install 'fusion-node[view]'"
@@ -58,6 +59,7 @@ def add_view_parser(commands: Any) -> None:
     view.add_argument("--config", help="launch file of the node (mouth box, endpoints); "
                       "default: the log's own, else the embedded default")
     view.add_argument("--save", metavar="FILE.rrd", help="write a Rerun recording file")
+    add_force(view)
     view.add_argument("--foxglove", metavar="OUT.mcap", help="with LOG: write a companion "
                       "MCAP that Foxglove shows with docs/foxglove-layout.json (alone: no "
                       "Rerun viewer is opened)")
@@ -84,6 +86,8 @@ def run_view_command(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"view: --duration {args.duration} must be positive")
     if args.save and not args.save.endswith(".rrd"):
         raise ConfigError(f"view: --save {args.save!r} must name an .rrd file")
+    check_output(args.save, args.force, "view --save")
+    check_output(args.foxglove, args.force, "view --foxglove")
     if args.foxglove and not args.log:
         raise ConfigError("view: --foxglove converts a LOG; give the log to convert")
     if args.nice < 0:

@@ -179,8 +179,11 @@ class _FileSink:
     """An unbuffered file for the mcap writer: each finished chunk goes to the kernel at once,
     so a killed process leaves every finished chunk on disk."""
 
-    def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    def __init__(self, path: str, overwrite: bool) -> None:
+        # O_EXCL unless asked: an existing log (an hour of a robot's run) is never replaced
+        # by accident.
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+        self._fd = os.open(path, flags, 0o644)
         self._position = 0
 
     def write(self, data: bytes | memoryview) -> int:
@@ -250,7 +253,7 @@ class LogWriter:
     def __init__(self, path: str, *, compression: str = "lz4",
                  chunk_size: int = DEFAULT_CHUNK_SIZE, preview_hz: float = DEFAULT_PREVIEW_HZ,
                  flush_interval_ns: int = DEFAULT_FLUSH_INTERVAL_NS,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, overwrite: bool = False) -> None:
         if compression not in COMPRESSIONS:
             raise ReplayError(f"compression {compression!r} is not one of {sorted(COMPRESSIONS)}")
         if chunk_size <= 0 or preview_hz < 0:
@@ -258,7 +261,10 @@ class LogWriter:
                               f"preview_hz {preview_hz} not negative")
         self.path = path
         try:
-            self._sink = _FileSink(path)
+            self._sink = _FileSink(path, overwrite)
+        except FileExistsError:
+            raise ReplayError(f"log {path!r} exists; pass --force (launch file: record."
+                              "overwrite = true) to overwrite it") from None
         except OSError as exc:
             raise ReplayError(f"cannot write log {path!r}: {exc.strerror}") from None
         self._writer = Writer(self._sink, chunk_size=chunk_size,  # type: ignore[arg-type]

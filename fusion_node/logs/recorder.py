@@ -92,11 +92,12 @@ class Recorder:
                  flush_interval_ns: int = DEFAULT_FLUSH_INTERVAL_NS,
                  metadata: dict[str, str] | None = None,
                  max_queue_bytes: int = DEFAULT_QUEUE_BYTES,
-                 max_queue_messages: int = DEFAULT_QUEUE_MESSAGES) -> None:
+                 max_queue_messages: int = DEFAULT_QUEUE_MESSAGES,
+                 overwrite: bool = False) -> None:
         # Opened here, so that a bad path fails at start-up in the caller's thread.
         self._writer = LogWriter(path, compression=compression, chunk_size=chunk_size,
                                  preview_hz=preview_hz, flush_interval_ns=flush_interval_ns,
-                                 metadata=metadata)
+                                 metadata=metadata, overwrite=overwrite)
         self.path = path
         self._clock = clock
         self._topics = tuple(topics)

@@ -55,7 +55,10 @@ def is_loopback_or_ipc(endpoint: str) -> bool:
         return True
     if scheme != "tcp":
         return False
-    host = urlsplit(endpoint).hostname or ""
+    try:
+        host = urlsplit(endpoint).hostname or ""
+    except ValueError:  # "tcp://[::1:5599": an unclosed IPv6 bracket, not an address at all
+        return False
     if host == "localhost":
         return True
     try:
@@ -71,6 +74,11 @@ def check_endpoint(endpoint: str, authenticated: bool, where: str) -> None:
     scheme = endpoint.split("://", 1)[0]
     if scheme not in ("ipc", "inproc", "tcp"):
         raise ConfigError(f"{where} = {endpoint!r}: scheme must be ipc://, inproc:// or tcp://")
+    if scheme == "tcp":
+        try:
+            urlsplit(endpoint)
+        except ValueError as exc:
+            raise ConfigError(f"{where} = {endpoint!r} is not a valid endpoint ({exc})") from None
     if authenticated or is_loopback_or_ipc(endpoint):
         return
     raise ConfigError(

@@ -27,7 +27,9 @@ from fusion_node.remote_clock import ClockResponder
 from fusion_node.security import (
     ClientKeys,
     CurveServer,
+    check_endpoint,
     generate_keys,
+    is_loopback_or_ipc,
     load_key_pair,
     load_public_key,
 )
@@ -435,3 +437,10 @@ def test_a_model_file_cannot_make_the_torch_backend_call_anything(tmp_path):
     with pytest.raises(EngineError, match="not a torch.nn.Module class"):
         TorchEngine.from_onnx(hostile)
     assert not marker.exists()
+
+
+def test_an_endpoint_that_is_not_a_url_is_one_config_error():
+    # Found by `bench fuzz` (launch target): urlsplit raised a bare ValueError.
+    with pytest.raises(ConfigError, match=r"node.pub = 'tcp://\[::1:5599' is not a valid"):
+        check_endpoint("tcp://[::1:5599", False, "node.pub")
+    assert not is_loopback_or_ipc("tcp://[::1:5599")

@@ -19,6 +19,7 @@ from fusion_node.errors import LOAD_FAILURES, ConfigError, EngineError
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+_FALLBACKS_LOGGED: set[str] = set()
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -40,7 +41,9 @@ def resolve_backend(backend: str, precision: str = "fp32") -> str:
     reason = tensorrt_unavailable(precision)
     if reason is None:
         return "tensorrt"
-    log.info("backend auto: ONNX Runtime, since TensorRT is unusable: %s", reason)
+    if reason not in _FALLBACKS_LOGGED:  # once per process, not once per engine
+        _FALLBACKS_LOGGED.add(reason)
+        log.info("backend auto: ONNX Runtime, since TensorRT is unusable: %s", reason)
     return "onnxruntime"
 
 

@@ -75,6 +75,11 @@ class EngineConfig:
     spec: dict[str, Any] | None = None  # the engine spec table when `binding` is "spec"
 
 
+# A driver config value that stands for the node's own publish endpoint (node.pub, or --pub,
+# as bound): what the simulated arm follows.
+NODE_PUB = "node.pub"
+
+
 @dataclass(frozen=True)
 class RecordConfig:
     """The launch file's `[record]` table: record to an MCAP log while the node runs."""

@@ -42,6 +42,10 @@ class ReplayError(FusionError):
     """A log cannot be written, read, recovered, replayed or verified."""
 
 
+class RunError(FusionError):
+    """A run of the node ended without producing what its launch file asks for."""
+
+
 class CalibrationError(FusionError):
     """A calibration file, or the data a calibration is estimated from, is unusable."""
 

@@ -29,7 +29,7 @@ from fusion_node.alignment import AlignmentBuffer
 from fusion_node.bindings import ActionBinding, SpecBinding, SpeechBinding
 from fusion_node.calibration import Calibration, load_calibration
 from fusion_node.clock import Clock, MonotonicClock
-from fusion_node.config import EngineConfig, NodeConfig
+from fusion_node.config import NODE_PUB, EngineConfig, NodeConfig
 from fusion_node.errors import CalibrationError, ConfigError, EndOfStream, FusionError
 from fusion_node.host.gc_pauses import GcPauses
 from fusion_node.host.heap import TRIM_PERIOD_S, HeapTrimmer
@@ -212,6 +212,13 @@ class Node:
 
     # -- start-up ---------------------------------------------------------------------------
 
+    def _driver_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A driver's config with NODE_PUB ("node.pub") replaced by this node's publish
+        endpoint as bound, so a driver that follows the node (the simulated arm) follows this
+        one, whatever --pub says, never another node on the default port."""
+        return {key: self.pub_endpoint if value == NODE_PUB else value
+                for key, value in config.items()}
+
     def _driver_processes(self, run_dir: Path) -> list[str]:
         """Supervisors for the out-of-process drivers (started by the caller); their
         endpoints."""
@@ -223,7 +230,8 @@ class Node:
             self.driver_processes[driver.stream] = SupervisedProcess(
                 f"driver {driver.stream}",
                 [sys.executable, "-m", "drivers", "--kind", driver.kind, "--stream",
-                 driver.stream, "--endpoint", endpoint, "--config", json.dumps(driver.config),
+                 driver.stream, "--endpoint", endpoint, "--config",
+                 json.dumps(self._driver_config(driver.config)),
                  *([] if driver.shared_memory else ["--no-shared-memory"])],
                 self.config.restart)
             endpoints.append(endpoint)
@@ -325,6 +333,19 @@ class Node:
         self.recorder.start()
         self.buffer.attach(self.recorder, self.runners)
 
+    def shortfalls(self) -> list[str]:
+        """What this run failed to produce: sensor streams that never sent a sample, and
+        engines that published nothing (with what they were missing). Empty for a good run."""
+        sensors = [d.stream for d in self.config.drivers] + [
+            s.name for s in self.config.streams if s.kind != "prediction"]
+        out = [f"stream {s} never sent a sample" for s in sensors
+               if not self.buffer.stats[s].received]
+        for runner in self.runners:
+            if not runner.stats.published:
+                why = runner.stats.last_missing or runner.stats.last_error or "never ticked"
+                out.append(f"engine {runner.name} published nothing ({why})")
+        return out
+
     async def _wait_for_streams(self) -> None:
         deadline = self.clock.now_ns() + self.config.startup_timeout_ns
         streams = [d.stream for d in self.config.drivers]
@@ -386,7 +407,8 @@ class Node:
                 self._start_clock_trackers()
                 self._start_thread("receiver", self._receive_blocking, self.subscriber)
                 background = [
-                    tasks.create_task(self._run_in_process_driver(d.kind, d.stream, d.config),
+                    tasks.create_task(self._run_in_process_driver(d.kind, d.stream,
+                                                                  self._driver_config(d.config)),
                                       name=f"driver {d.stream}")
                     for d in self.config.drivers if not d.process]
                 self._start_thread("publisher", publisher.run_blocking, realtime=True)

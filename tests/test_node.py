@@ -312,3 +312,17 @@ def test_launch_sim_is_the_embedded_default():
 
     sim = Path(__file__).parent.parent / "launch" / "sim.toml"
     assert load_config(sim) == load_config()
+
+
+async def test_the_simulated_arm_follows_this_node_whatever_its_pub():
+    """`actions = "node.pub"`: the arm takes pred.action from the endpoint this node bound
+    (here an ephemeral port), never from another node on the default one."""
+    import json
+
+    async with running(load_config()) as (node, collector):
+        argv = node.driver_processes["joints.arm"].argv
+        await asyncio.sleep(1.0)
+    config = json.loads(argv[argv.index("--config") + 1])
+    assert node.pub_endpoint != "tcp://127.0.0.1:5599"
+    assert config["actions"] == node.pub_endpoint
+    assert collector.on("pred.action")  # and there were actions to follow there

@@ -42,8 +42,9 @@ _ALPHA = 1.0 - math.exp(-_SUBSTEP_S / LAG_TAU_S)
 
 @dataclass(frozen=True, slots=True)
 class SimulatedArmConfig:
-    """A simulated 3-joint arm with a scene camera; `actions` is the node's publish
-    endpoint to take `pred.action` from (empty: the arm holds its pose)."""
+    """A simulated 3-joint arm with a scene camera; `actions` is the endpoint to take
+    `pred.action` from ("node.pub" in a launch file: the node's own, as bound; empty: the
+    arm holds its pose)."""
 
     stream: str
     camera_stream: str = "camera.scene"

@@ -11,10 +11,26 @@ import logging
 import sys
 from typing import Any
 
+from fusion_node import __version__
 from fusion_node.cli.files import add_force, check_output
-from fusion_node.errors import FusionError
+from fusion_node.errors import FusionError, RunError
 from fusion_node.host.allocator import reexecute_with_jemalloc
-from fusion_node.host.signals import stop_on_signals
+from fusion_node.host.signals import catch_early_signals, stop_on_signals
+
+# Commands that stop gracefully on SIGINT/SIGTERM (host/signals.py).
+_STOPPABLE = ("run", "launch", "record", "replay")
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand, read before the parser runs: only --log-level takes a value before
+    it."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 async def _run_node(args: argparse.Namespace) -> None:
@@ -38,6 +54,13 @@ async def _run_node(args: argparse.Namespace) -> None:
             loop.call_later(args.duration, stop.set)
         await node.run(stop)
     print(json.dumps(node.health()["engines"]), file=sys.stderr)
+    shortfalls = node.shortfalls()
+    if shortfalls:  # systemd and scripts must not read this as a good run
+        raise RunError(f"the run did not produce what {args.config or 'the embedded default'} "
+                       f"asks for: {'; '.join(shortfalls)}")
+    published = ", ".join(f"{r.topic} {r.stats.published}" for r in node.runners)
+    misses = sum(r.stats.deadline_misses for r in node.runners)
+    print(f"fusion-node: published {published}; {misses} deadline misses", file=sys.stderr)
 
 
 def _jsonable(value: Any) -> Any:
@@ -88,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fusion-node", description="Real-time sensor fusion: sensors in, "
         "fixed-latency predictions out.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--version", action="version", version=f"fusion-node {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run drivers, engines and the publisher")
@@ -146,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and _command_of(sys.argv[1:]) in _STOPPABLE:
+        catch_early_signals()  # before the parser, the imports and the node's start-up
     args = build_parser().parse_args(argv)
     if argv is None and args.command in ("run", "launch", "bench"):  # a process of its own
         reexecute_with_jemalloc(sys.argv[1:])

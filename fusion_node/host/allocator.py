@@ -16,6 +16,7 @@ when `libjemalloc.so.2` is installed (`scripts/setup.sh` installs it). Set
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def reexecute_with_jemalloc(argv: list[str], module: str = "fusion_node.cli") ->
     env = {**os.environ, "LD_PRELOAD": preload, _REEXECUTED_ENV: "1"}
     sys.stdout.flush()
     sys.stderr.flush()
+    # Held across exec (the mask survives it, handlers do not): a stop asked for meanwhile
+    # waits for the new process's handlers instead of interrupting its imports.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 

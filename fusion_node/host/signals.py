@@ -18,6 +18,17 @@ from collections.abc import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 log = logging.getLogger("fusion_node")
+_early: list[int] = []  # signals that came before `stop_on_signals` was installed
+
+
+def catch_early_signals() -> None:
+    """Remember SIGINT/SIGTERM from the first instruction on, for `stop_on_signals` to act
+    on: a process started in a script's background inherits SIGINT ignored, and the imports
+    and start-up before the real handlers take about half a second."""
+    for signum in SIGNALS:
+        signal.signal(signum, lambda signum, _frame: _early.append(signum))
+    # A re-executed process (host/allocator.py) starts with them blocked: deliver them now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
 @contextlib.contextmanager
@@ -30,6 +41,9 @@ def stop_on_signals(stop: asyncio.Event | threading.Event) -> Iterator[None]:
         log.info("%s: shutting down", signal.Signals(signum).name)
         stop.set()
 
+    if _early:  # asked to stop during start-up: stop as soon as the caller waits
+        log.info("%s during start-up: shutting down", signal.Signals(_early[0]).name)
+        stop.set()
     if isinstance(stop, asyncio.Event):
         loop = asyncio.get_running_loop()
         for signum in SIGNALS:

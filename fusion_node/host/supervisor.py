@@ -27,7 +27,7 @@ class SupervisedProcess:
 
     def __init__(self, name: str, argv: list[str], policy: RestartPolicy) -> None:
         self.name = name
-        self._argv = argv
+        self.argv = argv  # the command line each (re)start runs
         self._policy = policy
         self._process: asyncio.subprocess.Process | None = None
         self._stopping = asyncio.Event()
@@ -50,7 +50,7 @@ class SupervisedProcess:
         backoff_s = self._policy.backoff_initial_s
         while not self._stopping.is_set():
             started = loop.time()
-            self._process = await asyncio.create_subprocess_exec(*self._argv)
+            self._process = await asyncio.create_subprocess_exec(*self.argv)
             self.state = "running"
             self.last_exit_code = await self._process.wait()
             if self._stopping.is_set():

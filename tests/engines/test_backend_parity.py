@@ -109,3 +109,19 @@ def test_torch_backend_needs_an_exported_file(tmp_path: Path) -> None:
 
     with pytest.raises(EngineError, match="no torch_module in its metadata"):
         create_engine(_add_model(tmp_path / "adder.onnx"), backend="torch")
+
+
+def test_the_auto_fallback_is_logged_once_per_process_not_per_engine(caplog):
+    import logging
+
+    from engines import backends
+    from engines.backends import tensorrt_unavailable
+
+    reason = tensorrt_unavailable()
+    if reason is None:
+        pytest.skip("TensorRT is usable here: auto picks it, nothing falls back")
+    backends._FALLBACKS_LOGGED.discard(reason)
+    with caplog.at_level(logging.INFO, logger="engines.backends"):
+        assert [resolve_backend("auto") for _ in range(3)] == ["onnxruntime"] * 3
+    assert [r.getMessage() for r in caplog.records].count(
+        f"backend auto: ONNX Runtime, since TensorRT is unusable: {reason}") == 1

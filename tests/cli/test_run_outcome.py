@@ -1,0 +1,83 @@
+"""A run that produced nothing does not exit 0: systemd and scripts must tell it from a good
+run."""
+
+from fusion_node.cli import main
+from tests.conftest import ENGINES
+
+NO_CAMERA = """
+[node]
+pub = "tcp://127.0.0.1:*"
+startup_timeout_ms = 500
+driver_restart_backoff_ms = 50
+
+[[drivers]]
+kind = "camera"
+stream = "camera.front"
+config = { source = "/nonexistent/camera.mp4" }
+
+[[drivers]]
+kind = "sim_microphone"
+stream = "audio.mic0"
+
+[[drivers]]
+kind = "sim_joints"
+stream = "joints.arm"
+""" + ENGINES
+
+
+def last_line(capsys) -> str:
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_run_whose_camera_never_came_fails_naming_what_is_missing(tmp_path, capsys):
+    config = tmp_path / "no-camera.toml"
+    config.write_text(NO_CAMERA)
+    assert main(["--log-level", "ERROR", "run", "--config", str(config), "--duration",
+                 "3"]) == 1
+    line = last_line(capsys)
+    assert line.startswith(f"fusion-node: error: the run did not produce what {config} asks")
+    assert line.endswith("asks for: stream camera.front never sent a sample")
+    # (Both engines went on with the camera masked: only the stream is named.)
+
+
+def test_a_good_run_exits_0_with_what_it_published(capsys):
+    assert main(["--log-level", "ERROR", "run", "--pub", "tcp://127.0.0.1:*", "--duration",
+                 "3"]) == 0
+    line = last_line(capsys)
+    assert line.startswith("fusion-node: published pred.speech ") and "deadline misses" in line
+
+
+def test_version(capsys):
+    import pytest
+
+    from fusion_node import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"fusion-node {__version__}\n"
+
+
+def test_a_stop_during_start_up_is_not_lost(tmp_path):
+    """Started as a script's background job (SIGINT ignored, as the shell does) and stopped
+    within its first 0.2 s: it must stop, not run its full duration."""
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # `trap "" INT` then exec: SIGINT ignored from the start, as a background job has it.
+    command = (f'trap "" INT; exec {shlex.quote(sys.executable)} -c "import sys; '
+               'from fusion_node.cli import main; sys.exit(main())" --log-level ERROR run '
+               '--pub "tcp://127.0.0.1:*" --duration 120')
+    process = subprocess.Popen(["sh", "-c", command], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    try:
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    # It stopped before producing anything, and says so (a run that produced nothing).
+    assert process.returncode == 1, err
+    assert "the run did not produce" in err.strip().splitlines()[-1]

@@ -17,6 +17,22 @@ from fusion_node.protocol import Prediction
 from fusion_node.scheduling import TickGrid
 from fusion_node.transport import Subscriber
 
+# The simulated sensors' [[drivers]] tables, for launch files written by tests.
+SIM_MICROPHONE_AND_JOINTS = """
+[[drivers]]
+kind = "sim_microphone"
+stream = "audio.mic0"
+
+[[drivers]]
+kind = "sim_joints"
+stream = "joints.arm"
+"""
+SIM_SENSORS = """
+[[drivers]]
+kind = "sim_camera"
+stream = "camera.front"
+""" + SIM_MICROPHONE_AND_JOINTS
+
 ENGINES = """
 [[engines]]
 name = "speech"
@@ -118,3 +134,16 @@ def assert_ticking(predictions: list[Prediction], grid: TickGrid, engine: dict) 
     lost = lost_ticks(predictions, grid)
     accounted = engine["missing_required"] + engine["errors"] + engine["skipped_ticks"]
     assert len(lost) <= accounted, f"{len(lost)} ticks lost, {accounted} counted: {engine}"
+
+
+# A camera whose source does not exist: its driver process fails at every start.
+ALWAYS_CRASHING = """
+[node]
+driver_max_restarts = 2
+driver_restart_backoff_ms = 50
+
+[[drivers]]
+kind = "camera"
+stream = "camera.front"
+config = { source = "/nonexistent/camera.mp4" }
+""" + SIM_MICROPHONE_AND_JOINTS + ENGINES

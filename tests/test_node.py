@@ -15,7 +15,15 @@ from fusion_node.config import load_config, parse_config
 from fusion_node.host.supervisor import RestartPolicy
 from fusion_node.protocol import Health, JointState, Prediction, encode
 from fusion_node.transport import Publisher
-from tests.conftest import ACTION_GRID, ENGINES, SPEECH_GRID, assert_ticking, run_node, running
+from tests.conftest import (
+    ACTION_GRID,
+    ALWAYS_CRASHING,
+    ENGINES,
+    SPEECH_GRID,
+    assert_ticking,
+    run_node,
+    running,
+)
 
 
 async def test_default_config_publishes_fixed_latency_predictions():
@@ -183,24 +191,6 @@ async def test_killed_driver_process_is_restarted_and_its_stream_resumes():
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
 
 
-ALWAYS_CRASHING = """
-[node]
-driver_max_restarts = 2
-driver_restart_backoff_ms = 50
-
-[[drivers]]
-kind = "camera"
-stream = "camera.front"
-config = { source = "/nonexistent/camera.mp4" }
-
-[[drivers]]
-kind = "sim_microphone"
-stream = "audio.mic0"
-
-[[drivers]]
-kind = "sim_joints"
-stream = "joints.arm"
-""" + ENGINES
 
 
 async def test_driver_that_always_crashes_is_given_up_and_its_stream_masked():

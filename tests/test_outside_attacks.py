@@ -25,7 +25,7 @@ from fusion_node.clock import MonotonicClock
 from fusion_node.protocol import Health
 from fusion_node.shm import SHM_DIR, reclaim_stale_segments, segment_names
 from fusion_node.transport import Subscriber
-from tests.conftest import ENGINES
+from tests.conftest import ENGINES, SIM_SENSORS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,19 +33,7 @@ ATTACKED = """
 [node]
 pub = "tcp://127.0.0.1:{port}"
 connect = ["{endpoint}"]
-
-[[drivers]]
-kind = "sim_camera"
-stream = "camera.front"
-
-[[drivers]]
-kind = "sim_microphone"
-stream = "audio.mic0"
-
-[[drivers]]
-kind = "sim_joints"
-stream = "joints.arm"
-""" + ENGINES
+""" + SIM_SENSORS + ENGINES
 
 
 _RUN_NODE = "import sys; from fusion_node.cli import main; sys.exit(main())"

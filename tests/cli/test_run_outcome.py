@@ -2,27 +2,11 @@
 run."""
 
 from fusion_node.cli import main
-from tests.conftest import ENGINES
+from tests.conftest import ALWAYS_CRASHING
 
-NO_CAMERA = """
-[node]
-pub = "tcp://127.0.0.1:*"
-startup_timeout_ms = 500
-driver_restart_backoff_ms = 50
-
-[[drivers]]
-kind = "camera"
-stream = "camera.front"
-config = { source = "/nonexistent/camera.mp4" }
-
-[[drivers]]
-kind = "sim_microphone"
-stream = "audio.mic0"
-
-[[drivers]]
-kind = "sim_joints"
-stream = "joints.arm"
-""" + ENGINES
+# The camera never comes; the node gives its start-up half a second, not the default 10 s.
+NO_CAMERA = ALWAYS_CRASHING.replace("[node]\n", '[node]\npub = "tcp://127.0.0.1:*"\n'
+                                    "startup_timeout_ms = 500\n", 1)
 
 
 def last_line(capsys) -> str:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import sys
+import time
 from typing import Any
 
 from fusion_node import __version__
@@ -84,14 +85,26 @@ def _echo(args: argparse.Namespace) -> None:
     from fusion_node.transport import Subscriber
 
     context = zmq.Context()
-    subscriber = Subscriber(context, [args.endpoint], MonotonicClock(), topics=[args.topic])
+    # Every topic, filtered here by prefix as ZeroMQ would: a wrong topic then gets the
+    # topics that are there, not only a timeout.
+    subscriber = Subscriber(context, [args.endpoint], MonotonicClock(), topics=[""])
+    seen: set[str] = set()
     received = 0
     try:
         while args.count is None or received < args.count:
-            msg = subscriber.recv(timeout_ms=int(args.timeout * 1000))
+            deadline = time.monotonic() + args.timeout
+            msg = None
+            while msg is None and (left_s := deadline - time.monotonic()) > 0:
+                msg = subscriber.recv(timeout_ms=max(1, int(left_s * 1000)))
+                if msg is not None:
+                    seen.add(msg.stream)
+                    if not msg.stream.startswith(args.topic):
+                        msg = None
             if msg is None:
+                there = (f"topics seen there: {', '.join(sorted(seen))}" if seen
+                         else "nothing was published there (is the node running?)")
                 raise FusionError(f"no message on {args.topic!r} from {args.endpoint} within "
-                                  f"{args.timeout} s")
+                                  f"{args.timeout} s; {there}")
             received += 1
             record = {"type": type(msg).__name__.lower(),
                       **_jsonable({f.name: getattr(msg, f.name)
@@ -100,6 +113,9 @@ def _echo(args: argparse.Namespace) -> None:
                 print(json.dumps(record), flush=True)
             else:
                 summary = {k: v for k, v in record.items() if not isinstance(v, (list, dict))}
+                # A prediction's own values (command, voice activity, ...), not only stamps.
+                summary.update({k: v for k, v in record.get("fields", {}).items()
+                                if not isinstance(v, (list, dict))})
                 print(" ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
     finally:
         subscriber.close()

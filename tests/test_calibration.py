@@ -157,7 +157,7 @@ T0_NS = 5_000_000_000_000  # monotonic stamps far from zero, as on a robot
 
 
 def write_clap_log(path: Path, offset_ms: float, audio: bool = True, video: bool = True,
-                   seed: int = 0, fps: float = FPS) -> None:
+                   seed: int = 0, fps: float = FPS, claps: tuple[int, ...] = CLAPS_NS) -> None:
     """4.5 s of a camera at `fps` and a 16 kHz microphone; at each clap an 80 ms flash and a
     click heard `offset_ms` later than seen (audio stamped late when > 0). The camera exposes
     over its whole frame period and stamps mid-exposure, so a frame's brightness is the lit
@@ -173,13 +173,13 @@ def write_clap_log(path: Path, offset_ms: float, audio: bool = True, video: bool
         for seq in range(int(duration_ns / period_ns)):
             t_ns = round(seq * period_ns)
             lit_ns = sum(max(0.0, min(t_ns + period_ns / 2, c + FLASH_NS)
-                             - max(t_ns - period_ns / 2, c)) for c in CLAPS_NS)
+                             - max(t_ns - period_ns / 2, c)) for c in claps)
             image = rng.integers(40, 60, (24, 32, 3)) + 150 * lit_ns / period_ns
             events.append((T0_NS + t_ns, Frame("camera.front", seq, T0_NS + t_ns,
                                                image.astype(np.uint8))))
     if audio:
         signal = rng.normal(0, 0.01, duration_ns * RATE // 1_000_000_000)
-        for clap_ns in CLAPS_NS:
+        for clap_ns in claps:
             start = (clap_ns + offset_ns) * RATE // 1_000_000_000
             n = RATE * 30 // 1000
             signal[start:start + n] += rng.normal(0, 0.5, n) * np.exp(-np.arange(n) / (n / 4))
@@ -218,6 +218,16 @@ def test_av_offset_cli_writes_the_calibration_file(tmp_path, capsys):
     calibration = load_calibration(out)
     assert calibration.av_offset is not None
     assert calibration.corrections_ns() == {"audio.mic0": calibration.av_offset.offset_ns}
+
+
+def test_av_offset_of_a_log_with_no_clap_is_refused_and_nothing_written(tmp_path, capsys):
+    path = tmp_path / "no-clap.mcap"
+    write_clap_log(path, 0, claps=())
+    out = tmp_path / "calibration.yaml"
+    assert main(["calibrate", "av-offset", str(path), "--out", str(out)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "is below 0.3 (clap)" in lines[0], lines
+    assert "nothing was written" in lines[0] and not out.exists()
 
 
 @pytest.mark.parametrize("audio, video, message", [

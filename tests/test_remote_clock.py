@@ -133,7 +133,7 @@ def test_calibrate_clock_reports_the_mapping(capsys):
     try:
         with Responder(context) as responder:
             assert main(["calibrate", "clock", responder.server.endpoint,
-                         "--duration-s", "0.6"]) == 0
+                         "--duration", "0.6"]) == 0
     finally:
         context.term()
     report = json.loads(capsys.readouterr().out)

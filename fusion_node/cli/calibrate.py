@@ -49,7 +49,9 @@ def add_calibrate_parser(commands: Any) -> None:
     clock = which.add_parser("clock", help="estimate a remote clock's offset and drift")
     clock.add_argument("endpoint", help="the remote `python -m fusion_node.remote_clock "
                        "serve` endpoint")
-    clock.add_argument("--duration-s", type=float, default=10.0)
+    # --duration as every other command spells it; --duration-s, its old name, still works.
+    clock.add_argument("--duration", "--duration-s", dest="duration_s", type=float,
+                       default=10.0, help="seconds of clock exchanges (default 10)")
 
 
 def run_calibrate_command(args: argparse.Namespace) -> dict[str, Any]:

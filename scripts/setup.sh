@@ -15,8 +15,11 @@ lock=requirements/runtime.txt
 # example subscriber (libzmq, cppzmq, msgpack-c headers).
 packages="libportaudio2 libjemalloc2"
 [ "$lock" = requirements/test.txt ] && packages="$packages g++ libzmq3-dev cppzmq-dev libmsgpack-cxx-dev"
-# espeak-ng (GPL-3, a test-time tool only) speaks the speech of the Silero VAD test.
-[ "$lock" = requirements/test.txt ] && packages="$packages espeak-ng"
+# The speech corpus's synthesizers and real recordings (tools of training and its tests, never
+# loaded by the node): espeak-ng (GPL-3), flite and festival with three voices built from
+# recordings of real speakers, and klettres-data (real people saying letters and syllables).
+[ "$lock" = requirements/test.txt ] && packages="$packages espeak-ng flite festival \
+    festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts klettres-data"
 missing=""
 for package in $packages; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Self
 
 import numpy as np
@@ -32,6 +33,9 @@ _RATE = 1
 _PITCH = 3
 _RANGE = 4
 _WORDGAP = 7
+# Where Debian and upstream builds keep the data, if espeak_Info does not say.
+_DATA_PATHS = (Path("/usr/lib/x86_64-linux-gnu/espeak-ng-data"),
+               Path("/usr/share/espeak-ng-data"), Path("/usr/local/share/espeak-ng-data"))
 
 
 class EspeakError(FusionError):
@@ -109,6 +113,8 @@ class Espeak:
         lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint,
                                      ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
                                      ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_Info.argtypes = [ctypes.POINTER(ctypes.c_char_p)]
+        lib.espeak_Info.restype = ctypes.c_char_p
         self.sample_rate = lib.espeak_Initialize(
             _AUDIO_OUTPUT_SYNCHRONOUS, 0, None,
             _INITIALIZE_PHONEME_EVENTS | _INITIALIZE_DONT_EXIT)
@@ -120,6 +126,39 @@ class Espeak:
         # Kept on self: ctypes must not free the callback while the library holds it.
         self._callback = _CALLBACK(self._on_synth)
         lib.espeak_SetSynthCallback(self._callback)
+        self._variants: tuple[str, ...] | None = None
+
+    @property
+    def data_path(self) -> Path:
+        """The espeak-ng-data folder the library reads."""
+        path = ctypes.c_char_p()
+        self._lib.espeak_Info(ctypes.byref(path))
+        candidates = ((Path(path.value.decode()),) if path.value else ()) + _DATA_PATHS
+        for candidate in candidates:
+            if (candidate / "voices" / "!v").is_dir():
+                return candidate
+        raise EspeakError(f"no espeak-ng-data folder with voices/!v among "
+                          f"{', '.join(map(str, candidates))}")
+
+    def variants(self) -> tuple[str, ...]:
+        """The voice variants installed (file names in espeak-ng-data/voices/!v; they are
+        case-sensitive: `Annie` exists, `annie` does not)."""
+        if self._variants is None:
+            folder = self.data_path / "voices" / "!v"
+            self._variants = tuple(sorted(p.name for p in folder.iterdir() if p.is_file()))
+        return self._variants
+
+    def select_voice(self, voice: str) -> None:
+        """Make `voice` ("lang" or "lang+variant") current; EspeakError unless it exists (for
+        an unknown variant espeak-ng would silently speak with its default one)."""
+        language, plus, variant = voice.partition("+")
+        if plus and variant not in self.variants():
+            raise EspeakError(f"espeak-ng has no voice {voice!r}: no variant {variant!r} "
+                              f"(names are case-sensitive); installed variants: "
+                              f"{', '.join(self.variants())}")
+        if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise EspeakError(f"espeak-ng has no voice {voice!r}: it refuses the language "
+                              f"{language!r}")
 
     def _on_synth(self, wav: ctypes.POINTER(ctypes.c_short), count: int,  # type: ignore[valid-type]
                   events: ctypes.POINTER(_Event)) -> int:  # type: ignore[valid-type]
@@ -140,8 +179,7 @@ class Espeak:
                    pitch: int = 50, pitch_range: int = 50) -> Utterance:
         """Speak `text` with `voice` (e.g. "en-us+f2"); pitch and range are 0-100."""
         lib = self._lib
-        if lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise EspeakError(f"espeak-ng has no voice {voice!r}")
+        self.select_voice(voice)
         for parameter, value in ((_RATE, rate_wpm), (_PITCH, pitch), (_RANGE, pitch_range),
                                  (_WORDGAP, 0)):
             lib.espeak_SetParameter(parameter, value, 0)

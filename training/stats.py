@@ -57,3 +57,28 @@ def f1(predicted: np.ndarray, labels: np.ndarray) -> float:
     fp = int((predicted & ~labels).sum())
     fn = int((~predicted & labels).sum())
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def poisson_rate(events: int, exposure: float) -> dict[str, float | int]:
+    """Events per unit of `exposure` with the exact (Garwood) 95% interval."""
+    from scipy.stats import chi2
+
+    low = 0.0 if events == 0 else chi2.ppf(0.025, 2 * events) / 2
+    high = chi2.ppf(0.975, 2 * events + 2) / 2
+    return {"rate": events / exposure, "ci95": [low / exposure, high / exposure],
+            "events": events, "exposure": exposure}
+
+
+def bootstrap(statistic: object, groups: list[tuple[np.ndarray, ...]], seed: int = 0,
+              resamples: int = 1000) -> dict[str, float | list[float] | int]:
+    """`statistic(*concatenated arrays)` with a 95% percentile interval from resampling whole
+    groups (clips), because frames of one clip are not independent."""
+    def value(chosen: list[tuple[np.ndarray, ...]]) -> float:
+        return float(statistic(*(np.concatenate(parts)  # type: ignore[operator]
+                                 for parts in zip(*chosen, strict=True))))
+
+    rng = np.random.default_rng(seed)
+    draws = [value([groups[i] for i in rng.integers(0, len(groups), len(groups))])
+             for _ in range(resamples)]
+    low, high = np.nanpercentile(draws, [2.5, 97.5])
+    return {"value": value(groups), "ci95": [float(low), float(high)], "groups": len(groups)}

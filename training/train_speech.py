@@ -18,10 +18,12 @@ import itertools
 import json
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,8 @@ import torch.nn.functional as F
 from engines.vocabulary import COMMANDS
 from training import models
 from training.export import _speech_preprocessing, export_onnx
-from training.speech_corpus import IGNORE, WINDOW_FRAMES, Generator, Window
+from training.speech_bank import SpeechBank, bank_path, load_or_build
+from training.speech_corpus import BANK_DIR, IGNORE, WINDOW_FRAMES, Generator, Window
 
 BATCH = 64
 PER_CLIP = 4
@@ -62,12 +65,13 @@ def curriculum(batch_index: int, ramp_batches: int, rng: np.random.Generator
     return {"clean": False, "snr_db": float(rng.uniform(20 - 32 * progress, 20))}
 
 
-def _produce(seed: int, clips: int, split: str, ramp_batches: int, worker: int, workers: int,
+def _produce(seed: int, clips: int, bank: Path, ramp_batches: int, worker: int, workers: int,
              queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     """Worker: batches worker, worker + workers, ... forever; batch b holds clips
     b * clips ... (b + 1) * clips - 1, so the data does not depend on the worker count."""
     torch.set_num_threads(1)
-    generator = Generator(split)
+    cv2.setNumThreads(1)  # one process per core: a thread pool each would oversubscribe
+    generator = Generator("train", bank=SpeechBank.load(bank))
     for batch_index in itertools.count(worker, workers):
         windows: list[Window] = []
         for clip in range(batch_index * clips, (batch_index + 1) * clips):
@@ -77,13 +81,16 @@ def _produce(seed: int, clips: int, split: str, ramp_batches: int, worker: int, 
         queue.put(window_arrays(generator, windows))
 
 
-def batches(seed: int, batch: int, ramp_batches: int, workers: int
+def batches(seed: int, batch: int, ramp_batches: int, workers: int, bank: Path
             ) -> Iterator[dict[str, np.ndarray]]:
     """Training batches from `workers` processes, in a fixed order. Rendering the mouth video
     costs about twice the training step, so one worker would leave the model waiting."""
     context = multiprocessing.get_context("spawn")
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                     "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")  # inherited by the data processes
     queues = [context.Queue(maxsize=4) for _ in range(workers)]
-    processes = [context.Process(target=_produce, args=(seed, batch // PER_CLIP, "train",
+    processes = [context.Process(target=_produce, args=(seed, batch // PER_CLIP, bank,
                                                         ramp_batches, w, workers, queues[w]),
                                  daemon=True) for w in range(workers)]
     for process in processes:
@@ -96,8 +103,9 @@ def batches(seed: int, batch: int, ramp_batches: int, workers: int
             process.terminate()
 
 
-def validation_set(windows_count: int, seed: int = 12345) -> dict[str, np.ndarray]:
-    generator = Generator("validation")
+def validation_set(windows_count: int, bank: SpeechBank, seed: int = 12345
+                   ) -> dict[str, np.ndarray]:
+    generator = Generator("validation", bank=bank)
     windows: list[Window] = []
     clip = 0
     while len(windows) < windows_count:
@@ -111,17 +119,19 @@ def drop_modalities(feeds: dict[str, torch.Tensor], generator: torch.Generator,
     """Modality dropout: per window, audio or video (never both) is marked missing; some
     windows also lose a run of video frames, as when a camera stutters."""
     batch = feeds["audio_mel"].shape[0]
-    u = torch.rand(batch, generator=generator)
+    device = feeds["audio_mel"].device
+    u = torch.rand(batch, generator=generator).to(device)
     audio_on = (u >= p_audio).float()
     video_on = ((u < p_audio) | (u >= p_audio + p_video)).float()
     out = dict(feeds)
     out["audio_valid"] = feeds["audio_valid"] * audio_on[:, None]
     out["audio_mel"] = feeds["audio_mel"] * audio_on[:, None, None]
     video_valid = feeds["video_valid"] * video_on[:, None]
-    gaps = torch.rand(batch, generator=generator) < 0.1
-    starts = torch.randint(0, WINDOW_FRAMES, (batch,), generator=generator)
-    lengths = torch.randint(1, 6, (batch,), generator=generator)
-    frame = torch.arange(WINDOW_FRAMES)[None, :]
+    # Drawn on the CPU generator, so a run's dropout is the same on any device.
+    gaps = (torch.rand(batch, generator=generator) < 0.1).to(device)
+    starts = torch.randint(0, WINDOW_FRAMES, (batch,), generator=generator).to(device)
+    lengths = torch.randint(1, 6, (batch,), generator=generator).to(device)
+    frame = torch.arange(WINDOW_FRAMES, device=device)[None, :]
     gap = gaps[:, None] & (frame >= starts[:, None]) & (frame < (starts + lengths)[:, None])
     video_valid = video_valid * (~gap).float()
     out["video_valid"] = video_valid
@@ -147,11 +157,12 @@ def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model: models.SpeechModel, data: dict[str, np.ndarray]) -> dict[str, float]:
+def evaluate(model: models.SpeechModel, data: dict[str, np.ndarray], device: str = "cpu"
+             ) -> dict[str, float]:
     """Command accuracy (windows with a label) for audio+video, audio only and video only,
     and per-frame accuracy of the two frame heads (audio+video)."""
     model.eval()
-    tensors = _tensors(data)
+    tensors = {k: v.to(device) for k, v in _tensors(data).items()}
     labelled = tensors["command"] != IGNORE
     result: dict[str, float] = {}
     for name, audio_on, video_on in (("av", 1.0, 1.0), ("audio", 1.0, 0.0),
@@ -186,32 +197,60 @@ def _chunked(model: models.SpeechModel, feeds: dict[str, torch.Tensor],
 
 
 def train(out: Path, steps: int, seed: int, lr: float, validation_windows: int,
-          eval_every: int, workers: int = 2) -> dict[str, float]:
+          eval_every: int, workers: int = 2, bank_dir: Path = BANK_DIR,
+          bank_size: str = "full", device: str = "cpu", max_minutes: float | None = None,
+          init: Path | None = None) -> dict[str, float]:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
+    # Built here, once, before the data processes start: each of them loads the file.
+    load_or_build(bank_dir, "train", bank_size)
+    validation_bank = load_or_build(bank_dir, "validation", bank_size)
     model = models.SpeechModel(seed)
+    if init is not None:
+        model.load_state_dict(torch.load(init, map_location="cpu"))
+        print(f"initialised from {init}", flush=True)
+    model = model.to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
+
+    limit_s = None if max_minutes is None else 60 * max_minutes
+
+    def progress(step: int) -> float:
+        """How far training is: by steps, or by time when a time limit comes first."""
+        by_steps = (step - warmup) / max(1, steps - warmup)
+        if limit_s is None:
+            return by_steps
+        return max(by_steps, (time.monotonic() - started) / limit_s)
 
     def schedule(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress(step))))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
     dropout_rng = torch.Generator().manual_seed(seed)
     print(f"validation set: {validation_windows} windows (unseen voices, phrases, faces)",
           flush=True)
-    validation = validation_set(validation_windows)
+    validation = validation_set(validation_windows, validation_bank)
     best: dict[str, float] = {"score": -1.0}
     best_state = None
     started = time.monotonic()
     running: dict[str, float] = {}
     first_loss = None
-    data = batches(seed, BATCH, ramp_batches=steps // 3, workers=workers)
+    data = batches(seed, BATCH, ramp_batches=steps // 3, workers=workers,
+                   bank=bank_path(bank_dir, "train", bank_size))
     for step in range(steps):
+        if limit_s is not None and time.monotonic() - started > limit_s:
+            print(f"time limit of {max_minutes} min reached at step {step}", flush=True)
+            metrics = evaluate(model, validation, device)
+            score = metrics["command_acc_av"] + 0.1 * (metrics["vad_acc"]
+                                                       + metrics["speaker_acc"])
+            if score > best["score"]:
+                best = {"score": score, "step": step, **metrics}
+                best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            break
         arrays = next(data)
-        tensors = _tensors(arrays)
+        tensors = {k: v.to(device) for k, v in _tensors(arrays).items()}
         feeds = drop_modalities({k: tensors[k] for k in MODEL_INPUTS}, dropout_rng)
         parts = losses(model(**feeds), tensors)
         optimiser.zero_grad(set_to_none=True)
@@ -224,7 +263,7 @@ def train(out: Path, steps: int, seed: int, lr: float, validation_windows: int,
         if first_loss is None:
             first_loss = parts["total"].item()
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            metrics = evaluate(model, validation)
+            metrics = evaluate(model, validation, device)
             # Selection: audio+video command accuracy first, the frame heads break ties.
             score = metrics["command_acc_av"] + 0.1 * (metrics["vad_acc"]
                                                        + metrics["speaker_acc"])
@@ -239,21 +278,22 @@ def train(out: Path, steps: int, seed: int, lr: float, validation_windows: int,
                   + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + marker, flush=True)
     assert best_state is not None
     model.load_state_dict(best_state)
-    model.eval()
+    model = model.cpu().eval()
     best["train_seconds"] = time.monotonic() - started
     best["first_loss"] = float(first_loss or 0.0)
     best["final_loss"] = running["total"]
-    _export(model, out, steps, seed, best)
+    _export(model, out, steps, seed, best, device)
     return best
 
 
 def _export(model: models.SpeechModel, out: Path, steps: int, seed: int,
-            metrics: dict[str, float]) -> None:
+            metrics: dict[str, float], device: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     training = (f"python -m training.train_speech --out {out.name} --steps {steps} "
-                f"--seed {seed}: synthetic AV corpus (espeak-ng voices, drawn mouth), "
-                f"selected at step {metrics['step']} on the validation split")
+                f"--seed {seed} --device {device}: AV corpus (espeak-ng, flite and festival "
+                f"voices, klettres-data real speech, drawn mouth; rooms, microphones, robot "
+                f"noise), selected at step {metrics['step']} on the validation split")
     model_hash = export_onnx(
         model, models.random_feeds(models.SPEECH_INPUTS, rng), out, name="speech",
         version=f"1+synthetic.seed{seed}.steps{steps}",
@@ -277,13 +317,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--workers", type=int, default=2,
                         help="data processes (the data does not depend on their number)")
+    parser.add_argument("--bank-dir", type=Path, default=BANK_DIR,
+                        help="where the speech banks are (built there when missing)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda")
+    parser.add_argument("--init", type=Path, help="start from these torch weights (.pt)")
+    parser.add_argument("--max-minutes", type=float,
+                        help="stop after this long (the learning rate schedule follows "
+                             "whichever of steps and time runs out first)")
     parser.add_argument("--tiny", action="store_true",
-                        help="a smoke run: 40 steps, a small validation set")
+                        help="a smoke run: 40 steps, small banks and validation set")
     args = parser.parse_args(argv)
+    bank_size = "full"
     if args.tiny:
         args.steps, args.validation_windows, args.eval_every = 40, 64, 20
+        bank_size = "tiny"
     train(args.out, args.steps, args.seed, args.lr, args.validation_windows, args.eval_every,
-          args.workers)
+          args.workers, args.bank_dir, bank_size, args.device, args.max_minutes, args.init)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,21 @@ def add_eval_parser(commands: Any) -> None:
     evaluate = commands.add_parser("eval", help="evaluate the reference models on held-out "
                                    "synthetic data through the ONNX Runtime engine")
     which = evaluate.add_subparsers(dest="what", required=True)
-    speech = which.add_parser("speech", help="commands over SNR x noise, audio-only vs "
-                              "video-only vs audio+video; active speaker; voice activity "
-                              "vs Silero VAD")
+    speech = which.add_parser("speech", help="on the test split: commands per synthesizer "
+                              "family and over SNR x noise, audio-only vs video-only vs "
+                              "audio+video, beside pocketsphinx; active speaker; voice "
+                              "activity vs Silero VAD; real people; noise alone")
     speech.add_argument("--model", type=Path, help="speech .onnx (default: the shipped one)")
     speech.add_argument("--clips", type=int, default=200,
                         help="clips per SNR x noise condition (commands, overlap)")
     speech.add_argument("--frame-clips", type=int, default=40,
                         help="clips per condition for voice activity and active speaker")
+    speech.add_argument("--clips-per-voice", type=int, default=20,
+                        help="clean clips per test voice (per-voice accuracy)")
+    speech.add_argument("--real-minutes", type=float, default=30.0,
+                        help="minutes of real non-command speech for false commands")
+    speech.add_argument("--bank-size", choices=("full", "tiny"), default="full",
+                        help="speech banks to draw clips from (tiny: a smoke run)")
     action = which.add_parser("action", help="closed-loop success of the arm, with the true "
                               "command and with commands from the speech engine")
     action.add_argument("--model", type=Path, help="action .onnx (default: the shipped one)")
@@ -41,7 +48,10 @@ def run_eval_command(args: argparse.Namespace) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"clips_per_condition": args.clips,
                                   "overlap_clips": args.clips,
                                   "frame_clips": args.frame_clips,
-                                  "distractor_clips": args.frame_clips}
+                                  "distractor_clips": args.frame_clips,
+                                  "clips_per_voice": args.clips_per_voice,
+                                  "real_stream_s": 60 * args.real_minutes,
+                                  "bank_size": args.bank_size}
         if args.model:
             kwargs["model"] = args.model
         report = eval_speech.run(**kwargs)

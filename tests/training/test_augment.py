@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("audiomentations")
 pytest.importorskip("pyroomacoustics")
 
-from training import augment, noises  # noqa: E402
+from training import augment, noises
 
 RATE = 16_000
 

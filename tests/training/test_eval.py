@@ -32,11 +32,24 @@ def test_statistics_against_known_values():
 def test_eval_speech_prints_every_table(capsys, tmp_path):
     pytest.importorskip("silero_vad")
     assert cli_main(["eval", "speech", "--clips", "2", "--frame-clips", "4", "--json",
+                     "--clips-per-voice", "1", "--real-minutes", "0.1", "--bank-size", "tiny",
                      "--plot", str(tmp_path)]) == 0
     report = json.loads(capsys.readouterr().out)
     table = report["command_accuracy"]
-    assert set(table) == {"clean"} | {f"{noise}/{snr}dB" for noise in ("pink", "babble")
+    assert set(table) == {"clean"} | {f"{noise}/{snr}dB" for noise in ("pink", "babble", "motor")
                                       for snr in (10, 5, 0, -5, -10)}
+    assert report["split"].startswith("test")
+    assert set(report["families"]) == {"espeak", "flite", "festival", "piper"}
+    for family in report["families"].values():
+        for condition in ("clean", "babble/0dB"):
+            assert {"audio_only", "audio_video", "pocketsphinx"} <= set(family[condition])
+        assert family["clean"]["per_voice_audio_video"]
+    real = report["real_speech"]
+    assert real["false_commands_per_hour"]["audio_only"]["exposure"] > 0
+    assert set(real["voice_activity_f1"]["clean"]) == {"audio_video", "audio_only", "silero"}
+    assert set(report["noise_alone"]) == {"white", "pink", "motor", "fan", "hum", "servo"}
+    for shares in report["noise_alone"].values():
+        assert 0 <= shares["audio_only"]["value"] <= 1
     for row in table.values():
         for modality in ("audio_only", "video_only", "audio_video"):
             assert row[modality]["n"] == 2 and 0 <= row[modality]["rate"] <= 1

@@ -1,5 +1,6 @@
-"""The synthetic AV speech corpus: espeak-ng phoneme timings, labels, splits, determinism,
-lips in sync with the voice; the command latch; a smoke training run; the shipped model."""
+"""The AV speech corpus: espeak-ng phoneme timings, the speech bank and its splits, labels,
+determinism, lips in sync with the voice, realism; the command latch; a smoke training run;
+the shipped model. The generators use the small (`tiny`) banks, built on first use."""
 
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
 def train_generator():
     from training.speech_corpus import Generator
 
-    return Generator("train")
+    return Generator("train", bank_size="tiny")
 
 
 @pytest.fixture(scope="module")
 def validation_generator():
     from training.speech_corpus import Generator
 
-    return Generator("validation")
+    return Generator("validation", bank_size="tiny")
 
 
 def test_espeak_gives_phonemes_and_words_in_time_order():
@@ -45,14 +46,84 @@ def test_espeak_gives_phonemes_and_words_in_time_order():
         espeak.synthesise("stop", "xx-nonexistent")
 
 
-def test_splits_share_no_voice_phrase_babble_or_face():
+def test_splits_share_no_voice_phrase_sentence_speaker_or_face():
+    from training import real_speech
+    from training.speech_bank import CARRIERS, CHATTER, ESPEAK_VARIANTS, FAMILY_VOICES
     from training.speech_corpus import SPLITS
 
-    train, validation = SPLITS["train"], SPLITS["validation"]
-    for factor in ("variants", "babble", "skins", "lips"):
-        assert not set(getattr(train, factor)) & set(getattr(validation, factor)), factor
-    # "{}" (the bare command) is in both: a phrase is a carrier around the command.
-    assert set(train.carriers) & set(validation.carriers) == {"{}"}
+    names = ("train", "validation", "test")
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not set(ESPEAK_VARIANTS[a]) & set(ESPEAK_VARIANTS[b]), (a, b)
+            # "{}" (the bare command) is in all: a phrase is a carrier around the command.
+            assert set(CARRIERS[a]) & set(CARRIERS[b]) == {"{}"}, (a, b)
+            assert not set(CHATTER[a]) & set(CHATTER[b]), (a, b)
+            assert not set(SPLITS[a].skins) & set(SPLITS[b].skins), (a, b)
+            assert not set(SPLITS[a].lips) & set(SPLITS[b].lips), (a, b)
+            assert not set(real_speech.REAL_SPLITS[a]) & set(real_speech.REAL_SPLITS[b])
+            # One real speaker behind several voices (kal, kal16, kal_diphone) stays in one
+            # split: compare speakers, not voice names.
+            speakers = [{_speaker(v) for voices in FAMILY_VOICES[s].values() for v in voices}
+                        for s in (a, b)]
+            assert not speakers[0] & speakers[1], (a, b)
+    # The neural family is held out of training and selection.
+    assert "piper" in FAMILY_VOICES["test"]
+    assert all("piper" not in FAMILY_VOICES[s] for s in ("train", "validation"))
+
+
+def test_no_chatter_sentence_holds_a_command():
+    """Chatter is labelled `none`: a command word in it (or one a letter away, "stops",
+    "plays") would teach the model to ignore that command."""
+    from training.speech_bank import CHATTER
+
+    for sentences in CHATTER.values():
+        for sentence in sentences:
+            for word in sentence.split():
+                for command in COMMANDS[1:]:
+                    assert word.rstrip("sz") != command and word != command + "s", sentence
+                    assert not (len(word) == len(command) + 1 and word.startswith(command)), \
+                        sentence
+
+
+def _speaker(voice: str) -> str:
+    return {"kal16": "kal", "kal_diphone": "kal", "ked_diphone": "ked",
+            "cmu_us_slt_arctic_hts": "slt"}.get(voice, voice)
+
+
+def test_every_bank_voice_exists():
+    """espeak-ng falls back to its default voice for a variant it does not know (and its
+    names are case-sensitive): a split listing such a name would hear one voice twice."""
+    from training import synthesizers
+    from training.speech_bank import ESPEAK_ACCENTS, ESPEAK_VARIANTS, FAMILY_VOICES
+
+    espeak = synthesizers.Espeak()
+    for split, variants in ESPEAK_VARIANTS.items():
+        for variant in variants:
+            espeak.synthesise("go", f"{ESPEAK_ACCENTS[0]}+{variant}")
+    families = {"flite": synthesizers.Flite(), "festival": synthesizers.Festival(),
+                "piper": synthesizers.Piper()}
+    for split, voices in FAMILY_VOICES.items():
+        for family, names in voices.items():
+            assert set(names) <= set(families[family].voices()), (split, family)
+
+
+def test_bank_round_trips_and_holds_every_family(tmp_path):
+    from training.speech_bank import SpeechBank
+    from training.speech_corpus import BANK_DIR
+
+    bank = SpeechBank.load(BANK_DIR / "test-tiny.npz") if (
+        BANK_DIR / "test-tiny.npz").exists() else SpeechBank.build("test", "tiny")
+    assert bank.families == ("espeak", "festival", "flite", "piper")
+    assert {s.command for s in bank.commands} == set(range(1, len(COMMANDS)))
+    assert bank.chatter and bank.real
+    for spoken in bank.commands[:8]:
+        start, end = spoken.span_s
+        assert 0 <= start < end <= len(spoken.samples) / 16_000, spoken.text
+    bank.save(tmp_path / "bank.npz")
+    again = SpeechBank.load(tmp_path / "bank.npz")
+    assert [s.text for s in again.commands] == [s.text for s in bank.commands]
+    np.testing.assert_allclose(again.commands[0].samples, bank.commands[0].samples,
+                               atol=2 / 32767)  # int16 written as x*32767, read as /32768
 
 
 def test_clips_are_deterministic_from_their_seed(train_generator):
@@ -171,7 +242,8 @@ def test_tiny_training_lowers_the_loss_and_exports(tmp_path):
     from training.train_speech import train
 
     out = tmp_path / "speech.onnx"
-    result = train(out, steps=24, seed=1, lr=1e-3, validation_windows=32, eval_every=12)
+    result = train(out, steps=24, seed=1, lr=1e-3, validation_windows=32, eval_every=12,
+                   bank_size="tiny")
     assert result["final_loss"] < result["first_loss"]
     assert out.with_suffix(".pt").exists()
     engine = OnnxRuntimeEngine(out)
@@ -181,16 +253,23 @@ def test_tiny_training_lowers_the_loss_and_exports(tmp_path):
     assert outputs["command_logits"].shape == (1, len(COMMANDS))
 
 
-def test_shipped_speech_model_recognises_held_out_voices(validation_generator):
-    """Smoke accuracy of the shipped weights on clean clips of unseen voices and faces."""
+@pytest.fixture(scope="module")
+def test_generator():
+    from training.speech_corpus import Generator
+
+    return Generator("test", bank_size="tiny", realism=False)
+
+
+def test_shipped_speech_model_recognises_held_out_voices(test_generator):
+    """Smoke accuracy of the shipped weights on clean clips of test voices and faces."""
     from engines.onnxruntime_backend import OnnxRuntimeEngine
     from training.eval_speech import DEFAULT_MODEL, SpeechScorer, command_window
 
-    scorer = SpeechScorer(OnnxRuntimeEngine(Path(DEFAULT_MODEL)), validation_generator)
+    scorer = SpeechScorer(OnnxRuntimeEngine(Path(DEFAULT_MODEL)), test_generator)
     right = 0
     clips = 40
     for seed in range(clips):
-        clip = validation_generator.clip(5000 + seed, mode="target", clean=True)
-        right += scorer.run(command_window(validation_generator, clip),
+        clip = test_generator.clip(5000 + seed, mode="target", clean=True)
+        right += scorer.run(command_window(test_generator, clip),
                             "audio_video")["command"] == clip.command
     assert right / clips >= 0.8

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -122,11 +123,26 @@ def _echo(args: argparse.Namespace) -> None:
         context.term()
 
 
+ENDPOINT_ENV = "FUSION_NODE_ENDPOINT"
+LOG_LEVEL_ENV = "FUSION_NODE_LOG_LEVEL"
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5599"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log level ({', '.join(LOG_LEVELS)};"
+                                         f" also read from ${LOG_LEVEL_ENV})")
+    return text.upper()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusion-node", description="Real-time sensor fusion: sensors in, "
         "fixed-latency predictions out.")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", default=os.environ.get(LOG_LEVEL_ENV, "INFO"),
+                        type=_log_level, help=f"DEBUG, INFO, WARNING, ERROR (default: "
+                        f"${LOG_LEVEL_ENV}, else INFO)")
     parser.add_argument("--version", action="version", version=f"fusion-node {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -134,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="launch file (TOML); default: the embedded simulated "
                      "robot")
     run.add_argument("--duration", type=float, help="stop after this many seconds")
-    run.add_argument("--pub", help="endpoint for pred.* and node.health "
-                     "(default tcp://127.0.0.1:5599)")
+    run.add_argument("--pub", default=os.environ.get(ENDPOINT_ENV),
+                     help=f"endpoint for pred.* and node.health (default: ${ENDPOINT_ENV}, "
+                     f"else {DEFAULT_ENDPOINT})")
     add_force(run)
     run.add_argument("--record", metavar="OUT.mcap", help="record sensors, predictions and "
                      "health to an MCAP log (see `fusion-node record --help`)")
@@ -144,15 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(the same as run --config FILE)")
     launch.add_argument("config", help="launch file (TOML), e.g. launch/sim.toml")
     launch.add_argument("--duration", type=float, help="stop after this many seconds")
-    launch.add_argument("--pub", help="override the launch file's publish endpoint")
+    launch.add_argument("--pub", default=os.environ.get(ENDPOINT_ENV),
+                        help=f"override the launch file's publish endpoint (default: "
+                        f"${ENDPOINT_ENV}, else the launch file's)")
 
     top = commands.add_parser("top", help="show node.health as a live table")
-    top.add_argument("--endpoint", default="tcp://127.0.0.1:5599")
+    top.add_argument("--endpoint", default=os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT),
+                     help=f"the node's publisher (default: ${ENDPOINT_ENV}, else "
+                     f"{DEFAULT_ENDPOINT})")
     top.add_argument("--once", action="store_true", help="print one table and exit")
 
     echo = commands.add_parser("echo", help="print decoded messages from a topic")
     echo.add_argument("topic", help="topic or topic prefix, e.g. pred.speech")
-    echo.add_argument("--endpoint", default="tcp://127.0.0.1:5599")
+    echo.add_argument("--endpoint", default=os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT),
+                      help=f"the node's publisher (default: ${ENDPOINT_ENV}, else "
+                      f"{DEFAULT_ENDPOINT})")
     echo.add_argument("--count", type=int, help="exit after this many messages")
     echo.add_argument("--json", action="store_true", help="one JSON object per line")
     echo.add_argument("--timeout", type=float, default=10.0,

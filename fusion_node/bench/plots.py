@@ -210,18 +210,33 @@ def plot_accuracy_vs_snr(result: dict[str, Any], path: str | Path,
                          title: str = "command accuracy vs SNR") -> Path:
     """Accuracy (a fraction) against SNR (dB) for audio only, video only and audio + video,
     from the speech eval's `{"snr": [...], "audio_only": [...], "video_only": [...],
-    "audio_video": [...]}`; written to `path` (PNG, 800 × 500 px)."""
+    "audio_video": [...]}`; written to `path` (PNG, 800 × 500 px). Optional keys:
+    `"<curve>_ci95"`, a [low, high] pair per point, drawn as error bars, and `"clean"`,
+    `{curve: rate}` on noise-free audio, drawn as a dashed line of the curve's colour (clean
+    audio has no SNR to stand at)."""
     snr, curves = _check_eval(result)
     plt = _pyplot()
     order = np.argsort(snr)
     fig, ax = plt.subplots(figsize=(8, 5))
+    clean = result.get("clean", {})
     for (key, label), marker in zip(EVAL_CURVES, "os^"):
-        ax.plot(snr[order], curves[key][order], marker=marker, label=label)
+        interval = result.get(f"{key}_ci95")
+        if interval is not None:
+            bounds = np.asarray(interval, np.float64)[order]
+            below = curves[key][order] - bounds[:, 0]
+            above = bounds[:, 1] - curves[key][order]
+            line = ax.errorbar(snr[order], curves[key][order], yerr=[below, above],
+                               marker=marker, capsize=3, label=label)[0]
+        else:
+            (line,) = ax.plot(snr[order], curves[key][order], marker=marker, label=label)
+        if key in clean:
+            ax.axhline(clean[key], color=line.get_color(), linestyle="--", linewidth=1,
+                       label=f"{label}, clean")
     ax.set_xlabel("SNR (dB)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small", ncol=2)
     ax.set_title(title)
     fig.tight_layout()
     return _save(fig, Path(path))

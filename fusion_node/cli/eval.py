@@ -73,21 +73,23 @@ def run_eval_command(args: argparse.Namespace) -> dict[str, Any]:
         (out / f"eval_{args.what}.json").write_text(json.dumps(report, indent=2))
         if args.what == "speech":
             from fusion_node.bench.plots import plot_accuracy_vs_snr
+            from training.eval_speech import EVAL_NOISES
 
-            plot_accuracy_vs_snr(accuracy_curves(report), out / "eval_speech_snr.png")
+            for noise in EVAL_NOISES:
+                plot_accuracy_vs_snr(
+                    accuracy_curves(report, noise), out / f"eval_speech_snr_{noise}.png",
+                    f"command accuracy vs SNR, {noise} noise (test split, 95% intervals)")
     return report
 
 
-CLEAN_SNR_DB = 30.0
-
-
-def accuracy_curves(report: dict[str, Any]) -> dict[str, list[Any]]:
-    """Babble rows of the speech report as the curves `plot_accuracy_vs_snr` draws; clean
-    audio is plotted at CLEAN_SNR_DB."""
+def accuracy_curves(report: dict[str, Any], noise: str) -> dict[str, Any]:
+    """The `noise` rows of the speech report as the curves `plot_accuracy_vs_snr` draws,
+    with their 95% intervals and the clean row as its own reference."""
     table = report["command_accuracy"]
-    rows = [(CLEAN_SNR_DB, table["clean"])] + [
-        (float(k.split("/")[1].removesuffix("dB")), v) for k, v in table.items()
-        if k.startswith("babble/")]
+    rows = [(float(k.split("/")[1].removesuffix("dB")), v) for k, v in table.items()
+            if k.startswith(f"{noise}/")]
+    modalities = ("audio_only", "video_only", "audio_video")
     return {"snr": [snr for snr, _ in rows],
-            **{m: [row[m]["rate"] for _, row in rows]
-               for m in ("audio_only", "video_only", "audio_video")}}
+            **{m: [row[m]["rate"] for _, row in rows] for m in modalities},
+            **{f"{m}_ci95": [row[m]["ci95"] for _, row in rows] for m in modalities},
+            "clean": {m: table["clean"][m]["rate"] for m in modalities}}

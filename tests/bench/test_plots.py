@@ -74,6 +74,9 @@ def test_accuracy_vs_snr(tmp_path):
               "audio_video": [0.55, 0.65, 0.8, 0.9, 0.96]}
     path = plot_accuracy_vs_snr(result, tmp_path / "accuracy.png")
     assert_drawn(path, (800, 500))
+    result["audio_video_ci95"] = [[v - 0.05, min(1.0, v + 0.05)] for v in result["audio_video"]]
+    result["clean"] = {"audio_only": 0.9, "audio_video": 0.97}
+    assert_drawn(plot_accuracy_vs_snr(result, tmp_path / "intervals.png"), (800, 500))
 
 
 @pytest.mark.parametrize("bad, message", [

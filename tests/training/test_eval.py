@@ -57,7 +57,8 @@ def test_eval_speech_prints_every_table(capsys, tmp_path):
     assert set(report["voice_activity_f1"]["clean"]) >= {"audio_video_f1", "silero_f1"}
     assert 0 <= report["active_speaker_ap"] <= 1
     assert (tmp_path / "eval_speech.json").exists()
-    assert (tmp_path / "eval_speech_snr.png").stat().st_size > 1000
+    for noise in ("pink", "babble", "motor"):
+        assert (tmp_path / f"eval_speech_snr_{noise}.png").stat().st_size > 1000
 
 
 @needs_espeak

@@ -489,7 +489,8 @@ class Node:
     # -- health -----------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """Per-stream rates and drops, per-engine latencies and deadline misses."""
+        """Status ("ok" or "degraded", with the problems), per-stream rates and drops,
+        per-engine latencies and deadline misses."""
         now = self.clock.now_ns()
         last_ns, last_counts = self._last_health
         elapsed_s = (now - last_ns) / 1e9 if last_ns else 0.0
@@ -525,7 +526,13 @@ class Node:
             drivers.setdefault(stream, {})["error"] = error
         subscriber = self.subscriber
         publisher = self.publisher
+        # What the run is missing, while it lasts: a supervisor or `top` sees it without
+        # reading every counter, and the final exit code agrees with it.
+        problems = self.shortfalls() + [f"driver {stream}: {error}" for stream, error
+                                        in self.driver_errors.items()]
         return {
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
             "uptime_s": round((now - self._started_ns) / 1e9, 3),
             "streams": streams,
             "rejected": dict(subscriber.rejected) if subscriber else {},

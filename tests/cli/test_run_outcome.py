@@ -65,3 +65,18 @@ def test_a_stop_during_start_up_is_not_lost(tmp_path):
     # It stopped before producing anything, and says so (a run that produced nothing).
     assert process.returncode == 1, err
     assert "the run did not produce" in err.strip().splitlines()[-1]
+
+
+async def test_health_says_degraded_while_a_stream_is_missing_and_ok_when_all_came():
+    from fusion_node.config import load_config, parse_config
+    from tests.conftest import run_node
+
+    def statuses(collector) -> list[dict]:
+        return [m.stats for m in collector.on("node.health")]
+
+    _, collector = await run_node(parse_config(NO_CAMERA, "no-camera"), 2.5)
+    late = statuses(collector)[-1]
+    assert late["status"] == "degraded"
+    assert "stream camera.front never sent a sample" in late["problems"]
+    _, collector = await run_node(load_config(), 3.0)
+    assert statuses(collector)[-1]["status"] == "ok", statuses(collector)[-1]["problems"]

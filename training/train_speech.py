@@ -282,21 +282,26 @@ def train(out: Path, steps: int, seed: int, lr: float, validation_windows: int,
     best["train_seconds"] = time.monotonic() - started
     best["first_loss"] = float(first_loss or 0.0)
     best["final_loss"] = running["total"]
-    _export(model, out, steps, seed, best, device)
+    options = f"--steps {steps} --seed {seed} --lr {lr} --device {device}"
+    if max_minutes is not None:
+        options += f" --max-minutes {max_minutes}"
+    if init is not None:
+        options += f" --init {init.name}"
+    _export(model, out, seed, best, options)
     return best
 
 
-def _export(model: models.SpeechModel, out: Path, steps: int, seed: int,
-            metrics: dict[str, float], device: str) -> None:
+def _export(model: models.SpeechModel, out: Path, seed: int, metrics: dict[str, float],
+            options: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    training = (f"python -m training.train_speech --out {out.name} --steps {steps} "
-                f"--seed {seed} --device {device}: AV corpus (espeak-ng, flite and festival "
-                f"voices, klettres-data real speech, drawn mouth; rooms, microphones, robot "
-                f"noise), selected at step {metrics['step']} on the validation split")
+    training = (f"python -m training.train_speech --out {out.name} {options}: AV corpus "
+                f"(espeak-ng, flite and festival voices, klettres-data real speech, drawn and "
+                f"photographed mouths; rooms, microphones, robot noise), selected at step "
+                f"{metrics['step']} on the validation split")
     model_hash = export_onnx(
         model, models.random_feeds(models.SPEECH_INPUTS, rng), out, name="speech",
-        version=f"1+synthetic.seed{seed}.steps{steps}",
+        version=f"2+bank.seed{seed}.step{metrics['step']}",
         metadata={"commands": json.dumps(COMMANDS),
                   "preprocessing": json.dumps(_speech_preprocessing()),
                   "training": training,

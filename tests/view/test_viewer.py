@@ -135,7 +135,8 @@ def test_rrd_holds_the_log_values(sample_rrd):
     crop = rows["mouth/camera.front"][0]
     assert (crop["Image:format"][0]["width"], crop["Image:format"][0]["height"]) == roi[2:]
     x, y, w, h = roi
-    frame = next(m for m in msgs if isinstance(m, Frame))
+    # (The scene camera's frames interleave with the front camera's: take the front one.)
+    frame = next(m for m in msgs if isinstance(m, Frame) and m.stream == "camera.front")
     assert bytes(crop["Image:buffer"][0]) == frame.image[y:y + h, x:x + w].tobytes()
 
 

@@ -123,23 +123,29 @@ def measure_bias(model: str | Path, clips: int = BIAS_CLIPS, logs: int = BIAS_LO
     return float(np.mean(offsets_ms))
 
 
+def store_bias(path: Path) -> float:
+    """Measure the model file's lip-to-voice delay and write it into the file's metadata
+    (training does this on every export: the sync method reads it from there)."""
+    import onnx
+
+    bias_ms = round(measure_bias(path), 1)
+    model = onnx.load(path)
+    props = {p.key: p.value for p in model.metadata_props}
+    props[BIAS_KEY] = str(bias_ms)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, path)
+    return bias_ms
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.sync_bias",
                                      description="measure a speech model's lip-to-voice "
                                      "delay and store it in the model file")
     parser.add_argument("model", type=Path)
     args = parser.parse_args(argv)
-    import onnx
-
-    bias_ms = round(measure_bias(args.model), 1)
-    model = onnx.load(args.model)
-    props = {p.key: p.value for p in model.metadata_props}
-    props[BIAS_KEY] = str(bias_ms)
-    del model.metadata_props[:]
-    for key, value in props.items():
-        model.metadata_props.add(key=key, value=value)
-    onnx.save(model, args.model)
-    print(f"{args.model}: {BIAS_KEY} = {bias_ms}")
+    print(f"{args.model}: {BIAS_KEY} = {store_bias(args.model)}")
 
 
 if __name__ == "__main__":

@@ -308,7 +308,13 @@ def _export(model: models.SpeechModel, out: Path, seed: int, metrics: dict[str, 
                   "validation": json.dumps({k: round(v, 4) for k, v in metrics.items()})},
         init_kwargs={"seed": seed})
     torch.save(model.state_dict(), out.with_suffix(".pt"))
-    print(f"{out}: hash {model_hash}; validation {json.dumps(metrics)}", flush=True)
+    print(f"{out}: validation {json.dumps(metrics)}", flush=True)
+    # Every model has its own lip-to-voice delay; without it in the file, `calibrate
+    # av-offset --method sync` would report that delay as an offset.
+    from training.sync_bias import BIAS_KEY, store_bias
+
+    print(f"{out}: {BIAS_KEY} = {store_bias(out)} (export hash was {model_hash}, the bias "
+          f"changes the file's)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

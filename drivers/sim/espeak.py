@@ -170,7 +170,9 @@ class Espeak:
             if event.type == _EVENT_PHONEME:
                 name = event.id.string.decode("ascii", "replace")
                 self._phonemes.append(Phoneme(name, event.audio_position / 1000.0))
-            elif event.type == _EVENT_WORD:
+            elif event.type == _EVENT_WORD and event.text_position > 0:
+                # Text positions count from 1. espeak-ng sometimes ends an utterance with a
+                # word event at position 0, at the end of the audio: no word of the text.
                 self._words.append((event.text_position, event.audio_position / 1000.0))
             i += 1
         return 0

@@ -223,8 +223,10 @@ def plot_accuracy_vs_snr(result: dict[str, Any], path: str | Path,
         interval = result.get(f"{key}_ci95")
         if interval is not None:
             bounds = np.asarray(interval, np.float64)[order]
-            below = curves[key][order] - bounds[:, 0]
-            above = bounds[:, 1] - curves[key][order]
+            # Rates and bounds are rounded separately, so a bound can sit a hair past its
+            # rate: a negative error bar, which matplotlib refuses.
+            below = np.maximum(curves[key][order] - bounds[:, 0], 0)
+            above = np.maximum(bounds[:, 1] - curves[key][order], 0)
             line = ax.errorbar(snr[order], curves[key][order], yerr=[below, above],
                                marker=marker, capsize=3, label=label)[0]
         else:

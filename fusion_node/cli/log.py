@@ -77,6 +77,10 @@ def add_log_parsers(commands: Any) -> None:
     replay.add_argument("--verify", action="store_true",
                         help="compare the predictions with those in the log; exit 1 on the "
                         "first difference (implies --through-node)")
+    replay.add_argument("--tolerance", type=float, default=0.0, metavar="ABS",
+                        help="--verify: let float outputs differ by up to ABS (default 0: bit "
+                        "for bit, which holds on the machine that recorded the log; ONNX "
+                        "Runtime's kernels differ by CPU, so another machine may need 1e-6)")
     replay.add_argument("--timing", choices=("log", "schedule"), default="log",
                         help="--through-node: tick when the recording node cut each window "
                         "(log, default) or at t_ref + align delay (schedule)")
@@ -159,7 +163,8 @@ def _replay_through_node(args: argparse.Namespace) -> int:
     config, source = replay_config(args.log, args.config)
     started_ns = clock.now_ns()
     result = replay_through_node(args.log, config, out_path=args.out, verify=args.verify,
-                                 timing=args.timing, config_source=source)
+                                 tolerance=args.tolerance, timing=args.timing,
+                                 config_source=source)
     wall_s = (clock.now_ns() - started_ns) / 1e9
     log_s = result.log_duration_ns / 1e9
     print(json.dumps({"log": args.log, "config": source, "timing": result.timing,

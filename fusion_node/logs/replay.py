@@ -263,10 +263,12 @@ class _Replay:
 
 
 def replay_through_node(path: str, config: NodeConfig, *, out_path: str | None = None,
-                        verify: bool = False, timing: str = "log", config_source: str = "",
+                        verify: bool = False, tolerance: float = 0.0, timing: str = "log",
+                        config_source: str = "",
                         build_runners: BuildRunners | None = None) -> ReplayResult:
     """Run the configured engines over the log on a replay clock; write their predictions to
-    `out_path` and, with `verify`, compare them with the predictions the log holds.
+    `out_path` and, with `verify`, compare them with the predictions the log holds: bit for
+    bit, or with floats allowed to differ by up to `tolerance` (absolute).
 
     `timing` says when each tick runs and each prediction is fed back:
       - "log": as the recording node did. A log the node recorded lists when each window
@@ -281,6 +283,8 @@ def replay_through_node(path: str, config: NodeConfig, *, out_path: str | None =
     """
     if timing not in TIMINGS:
         raise ReplayError(f"replay timing {timing!r} is not one of {TIMINGS}")
+    if not tolerance >= 0:
+        raise ReplayError(f"verify tolerance {tolerance} is not a number >= 0")
     if build_runners is None:
         from fusion_node.node import build_engine_runners
 
@@ -366,7 +370,7 @@ def replay_through_node(path: str, config: NodeConfig, *, out_path: str | None =
                               f"({sorted(engine_topics)}) to verify against")
         result.compared, result.difference = compare_logs(
             {t: {t_ref: p for t_ref, (p, _) in log.items()} for t, log in recorded.items()},
-            replay.made, replay.ticked, runners)
+            replay.made, replay.ticked, runners, tolerance)
     return result
 
 
@@ -403,7 +407,8 @@ def _read_recorded(reader: LogReader, recorded: Recorded,
 
 def compare_logs(recorded: dict[str, dict[int, Prediction]],
                  replayed: dict[str, dict[int, Prediction]], ticked: dict[str, set[int]],
-                 runners: Iterable[EngineRunner]) -> tuple[int, str | None]:
+                 runners: Iterable[EngineRunner],
+                 tolerance: float = 0.0) -> tuple[int, str | None]:
     """Compare recorded and replayed predictions of each tick the replay ran within the
     recorded span of each topic; the number compared and the earliest difference."""
     compared = 0
@@ -438,7 +443,7 @@ def compare_logs(recorded: dict[str, dict[int, Prediction]],
                     break
                 continue
             compared += 1
-            difference = compare_predictions(log[t_ref], now[t_ref])
+            difference = compare_predictions(log[t_ref], now[t_ref], tolerance)
             if difference is not None:
                 differences.append((t_ref, topic, f"{where}: {difference}"))
                 break
@@ -451,18 +456,21 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _compare_value(name: str, old: Any, new: Any) -> str | None:
+def _compare_value(name: str, old: Any, new: Any, tolerance: float = 0.0) -> str | None:
     if type(old) is type(new) and old == new:
+        return None
+    if isinstance(old, float) and isinstance(new, float) and abs(new - old) <= tolerance:
         return None
     if _number(old) and _number(new):
         return f"{name} differs: log {old!r}, now {new!r} (by {abs(new - old):.3g})"
     return f"{name} differs: log {old!r}, now {new!r}"
 
 
-def compare_predictions(old: Prediction, new: Prediction) -> str | None:
+def compare_predictions(old: Prediction, new: Prediction, tolerance: float = 0.0) -> str | None:
     """The first difference in what two predictions say (engine, model, deadline, mask,
     fields, arrays), or None. Trace times, seq and publish time are not compared: they
-    describe the run, not the result."""
+    describe the run, not the result. Float fields and float arrays may differ by up to
+    `tolerance`; everything else (commands, masks, ints) must be equal."""
     for name in ("engine", "model_hash", "deadline_ns"):
         difference = _compare_value(name, getattr(old, name), getattr(new, name))
         if difference is not None:
@@ -473,7 +481,8 @@ def compare_predictions(old: Prediction, new: Prediction) -> str | None:
         if difference is not None:
             return difference
     for key in sorted(old.fields.keys() | new.fields.keys()):
-        difference = _compare_value(f"field {key!r}", old.fields.get(key), new.fields.get(key))
+        difference = _compare_value(f"field {key!r}", old.fields.get(key),
+                                    new.fields.get(key), tolerance)
         if difference is not None:
             return difference
     for name in sorted(old.arrays.keys() | new.arrays.keys()):
@@ -485,7 +494,13 @@ def compare_predictions(old: Prediction, new: Prediction) -> str | None:
                     f"{list(b.shape)} now")
         if np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
             continue
-        unequal = (a != b) & ~(np.isnan(a) & np.isnan(b)) if a.dtype.kind == "f" else a != b
+        if a.dtype.kind == "f":
+            with np.errstate(invalid="ignore"):
+                unequal = ~((np.abs(a - b) <= tolerance) | (np.isnan(a) & np.isnan(b)))
+        else:
+            unequal = a != b
+        if not unequal.any():
+            continue
         where = tuple(int(i) for i in np.argwhere(unequal)[0])
         delta = np.abs(a.astype(np.float64) - b.astype(np.float64))[unequal]
         return (f"array {name!r} differs at {list(where)}: log {a[where]!r}, now {b[where]!r} "

@@ -77,6 +77,10 @@ def test_accuracy_vs_snr(tmp_path):
     result["audio_video_ci95"] = [[v - 0.05, min(1.0, v + 0.05)] for v in result["audio_video"]]
     result["clean"] = {"audio_only": 0.9, "audio_video": 0.97}
     assert_drawn(plot_accuracy_vs_snr(result, tmp_path / "intervals.png"), (800, 500))
+    # A rate and its bounds rounded apart: 1.0 with an upper bound of 0.9999 once broke it.
+    result["audio_video"][-1] = 1.0
+    result["audio_video_ci95"][-1] = [0.93, 0.9999]
+    assert_drawn(plot_accuracy_vs_snr(result, tmp_path / "rounded.png"), (800, 500))
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -19,8 +19,7 @@ def test_engine_info_describes_a_model(capsys) -> None:
     info = _run(capsys, "engine", "info", "speech")
     assert [t["name"] for t in info["inputs"]] == ["audio_mel", "audio_valid", "video",
                                                   "video_valid"]
-    # The shipped file was exported before training/ moved out of engines/.
-    assert info["metadata"]["torch_module"] == "engines.models:SpeechModel"
+    assert info["metadata"]["torch_module"] == "training.models:SpeechModel"
     assert info["model_hash"] == info["onnx_sha256"][:16]
     assert "tensorrt" in info  # the cache key on this machine, or why there is none
 

@@ -41,6 +41,10 @@ def test_espeak_gives_phonemes_and_words_in_time_order():
     starts = [p.start_s for p in u.phonemes]
     assert len(u.phonemes) >= 8 and starts == sorted(starts) and starts[-1] <= duration
     assert [position for position, _ in u.words] == [1, 7, 10]
+    # espeak-ng often closes an utterance with a word event at text position 0: no word.
+    for voice in ("en+m1", "en-us+f2", "en+Annie"):
+        for text in ("robot go home", "hello", "my brother lives there"):
+            assert all(p > 0 for p, _ in espeak.synthesise(text, voice).words), (voice, text)
     assert 0 <= np.abs(u.samples).max() <= 1
     with pytest.raises(EspeakError, match="no voice"):
         espeak.synthesise("stop", "xx-nonexistent")
@@ -247,6 +251,10 @@ def test_tiny_training_lowers_the_loss_and_exports(tmp_path):
     assert result["final_loss"] < result["first_loss"]
     assert out.with_suffix(".pt").exists()
     engine = OnnxRuntimeEngine(out)
+    # The export measured the model's lip-to-voice delay for the sync calibration.
+    from training.sync_bias import BIAS_KEY
+
+    assert np.isfinite(float(engine.metadata[BIAS_KEY]))
     from training.models import SPEECH_INPUTS, random_feeds
 
     outputs = engine.infer(random_feeds(SPEECH_INPUTS, np.random.default_rng(0)))
@@ -261,7 +269,12 @@ def test_generator():
 
 
 def test_shipped_speech_model_recognises_held_out_voices(test_generator):
-    """Smoke accuracy of the shipped weights on clean clips of test voices and faces."""
+    """Smoke accuracy of the shipped weights on clean clips of test voices and faces: the
+    test split's flite, festival and Piper voices included, which no training or selection
+    heard. Chance is 1 in 17; the card gives the measured figure per family with its
+    interval (`fusion-node eval speech`). 40 clips of the tiny bank carry about ±15 points of
+    sampling error, so this checks the weights and the node's preprocessing still agree,
+    not the card's figure."""
     from engines.onnxruntime_backend import OnnxRuntimeEngine
     from training.eval_speech import DEFAULT_MODEL, SpeechScorer, command_window
 
@@ -272,4 +285,4 @@ def test_shipped_speech_model_recognises_held_out_voices(test_generator):
         clip = test_generator.clip(5000 + seed, mode="target", clean=True)
         right += scorer.run(command_window(test_generator, clip),
                             "audio_video")["command"] == clip.command
-    assert right / clips >= 0.8
+    assert right / clips >= 0.5

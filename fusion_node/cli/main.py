@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
+import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusion_node import __version__
 from fusion_node.cli.files import add_force, check_output
 from fusion_node.errors import FusionError, RunError
 from fusion_node.host.allocator import reexecute_with_jemalloc
 from fusion_node.host.signals import catch_early_signals, stop_on_signals
+
+if TYPE_CHECKING:
+    from fusion_node.node import Node
 
 # Commands that stop gracefully on SIGINT/SIGTERM (host/signals.py).
 _STOPPABLE = ("run", "launch", "record", "replay")
@@ -33,6 +38,117 @@ def _command_of(argv: list[str]) -> str | None:
         elif not word.startswith("-"):
             return word
     return None
+
+
+_BACKEND_NAMES = {"onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT", "torch": "torch"}
+_STATUS_PERIOD_S = 1.0
+
+
+def _backend_of(engine: Any) -> str:
+    """The runtime an engine runs on, with what it runs in where that can vary."""
+    backend = getattr(engine, "backend", "unknown backend")
+    name = _BACKEND_NAMES.get(backend, backend)
+    if backend == "tensorrt":
+        return f"{name} {engine.precision}"
+    if backend == "torch":
+        return f"{name} {engine.device}"  # cpu or cuda
+    return name
+
+
+def _start_line(node: Node) -> str:
+    """What the node publishes on, its engines and its sources, in one line."""
+    config = node.config
+    engines = ", ".join(f"{r.name} ({r.topic}, {_backend_of(r.engine)}, {r.rate_hz:g} Hz, "
+                        f"{r.latency_ns / 1e6:g} ms latency)" for r in node.runners)
+    parts = [f"publishing on {node.pub_endpoint}", f"engines: {engines or 'none'}"]
+    if config.drivers:
+        parts.append("drivers: " + ", ".join(
+            f"{d.stream} ({d.kind}{'' if d.process else ', in-process'})"
+            for d in config.drivers))
+    if config.streams:
+        parts.append("streams: " + ", ".join(f"{s.name} ({s.kind})" for s in config.streams)
+                     + (f" from {', '.join(config.connect)}" if config.connect else ""))
+    return "fusion-node: " + "; ".join(parts)
+
+
+def _status_line(node: Node, uptime_s: float, published_before: dict[str, int],
+                 elapsed_s: float) -> str:
+    engines = []
+    for runner in node.runners:
+        stats = runner.stats
+        rate_hz = (stats.published - published_before.get(runner.topic, 0)) / elapsed_s
+        engine = f"{runner.topic} {rate_hz:.1f} Hz {stats.deadline_misses} misses"
+        engines.append(engine + (f" {stats.errors} errors" if stats.errors else ""))
+    # The problems node.health reports; last, so a narrow terminal cuts them, not the rates.
+    problems = node.shortfalls() + [f"driver {stream}: {error}"
+                                    for stream, error in node.driver_errors.items()]
+    status = f"degraded: {'; '.join(problems)}" if problems else "ok"
+    return " | ".join([f"fusion-node: up {uptime_s:.0f} s", *engines, status])
+
+
+class _LiveLine:
+    """One line on a terminal, rewritten in place. A log record clears it first, so that it
+    does not land on the line's end; the next refresh draws the line again."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._shown = 0  # characters of the line on screen now
+        self._lock = threading.Lock()  # engine threads log too
+
+    def show(self, text: str) -> None:
+        with self._lock:
+            try:
+                columns = os.get_terminal_size(self._stream.fileno()).columns
+            except OSError:
+                columns = 0  # size unknown: do not cut
+            if columns > 1:  # a wrapped line could not be rewritten: \r goes back one row
+                text = text[:columns - 1]
+            self._stream.write("\r" + text.ljust(self._shown))
+            self._stream.flush()
+            self._shown = len(text)
+
+    def clear(self) -> None:
+        with self._lock:
+            if self._shown:
+                self._stream.write("\r" + " " * self._shown + "\r")
+                self._stream.flush()
+                self._shown = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.clear()
+        return True
+
+
+async def _report_status(node: Node, stop: asyncio.Event, live: bool) -> None:
+    """The start line once the node is up; then, if `live`, a status line refreshed in place
+    every second until `stop`, and cleared."""
+    started_ns = node.clock.now_ns()
+    await node.ready.wait()  # the endpoint as bound and the engines as built are known now
+    print(_start_line(node), file=sys.stderr, flush=True)
+    if not live:
+        return
+    line = _LiveLine(sys.stderr)
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and h.stream is sys.stderr]
+    for handler in handlers:
+        handler.addFilter(line.filter)
+    try:
+        published = {r.topic: r.stats.published for r in node.runners}
+        then_ns = node.clock.now_ns()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _STATUS_PERIOD_S)
+            if stop.is_set():
+                return
+            now_ns = node.clock.now_ns()
+            line.show(_status_line(node, (now_ns - started_ns) / 1e9, published,
+                                   (now_ns - then_ns) / 1e9))
+            published = {r.topic: r.stats.published for r in node.runners}
+            then_ns = now_ns
+    finally:
+        for handler in handlers:
+            handler.removeFilter(line.filter)
+        line.clear()  # the final summary starts on a clean line
 
 
 async def _run_node(args: argparse.Namespace) -> None:
@@ -51,10 +167,20 @@ async def _run_node(args: argparse.Namespace) -> None:
     node = Node(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # On stderr: stdout stays for what scripts read. The live line only on a terminal: in a
+    # journal or a CI log every refresh would be a line of its own.
+    status = None if getattr(args, "quiet", False) else asyncio.create_task(
+        _report_status(node, stop, live=sys.stderr.isatty()), name="status")
     with stop_on_signals(stop):
         if args.duration is not None:
             loop.call_later(args.duration, stop.set)
-        await node.run(stop)
+        try:
+            await node.run(stop)
+        finally:
+            if status is not None:  # done after a stop; after a failed start, still waiting
+                status.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await status
     print(json.dumps(node.health()["engines"]), file=sys.stderr)
     shortfalls = node.shortfalls()
     if shortfalls:  # systemd and scripts must not read this as a good run
@@ -156,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_force(run)
     run.add_argument("--record", metavar="OUT.mcap", help="record sensors, predictions and "
                      "health to an MCAP log (see `fusion-node record --help`)")
+    run.add_argument("--quiet", action="store_true",
+                     help="no start line (endpoint, engines, drivers) and no live status; "
+                     "the final summary and errors still go to stderr")
 
     launch = commands.add_parser("launch", help="run the node from a launch file "
                                  "(the same as run --config FILE)")
@@ -164,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--pub", default=os.environ.get(ENDPOINT_ENV),
                         help=f"override the launch file's publish endpoint (default: "
                         f"${ENDPOINT_ENV}, else the launch file's)")
+    launch.add_argument("--quiet", action="store_true",
+                        help="no start line (endpoint, engines, drivers) and no live status; "
+                        "the final summary and errors still go to stderr")
 
     top = commands.add_parser("top", help="show node.health as a live table")
     top.add_argument("--endpoint", default=os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT),

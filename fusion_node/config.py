@@ -155,8 +155,8 @@ def _engine(data: Any, index: int) -> EngineConfig:
     # A user's model is bound by an engine spec (inline table or TOML file), no code.
     spec_value = table.get("spec", (str, dict), None)
     binding = table.get("binding", str, "spec" if spec_value is not None else ...)
-    if binding not in BINDINGS:
-        raise ConfigError(f"{where}: binding {binding!r} is not one of {BINDINGS}")
+    binding = table.one_of("binding", binding, BINDINGS,
+                           f"{where}: binding {binding!r} is not one of {BINDINGS}")
     if (binding == "spec") != (spec_value is not None):
         raise ConfigError(f"{where}: give either `spec` (an engine spec) or a built-in "
                           f"binding {BINDINGS[:-1]}")
@@ -173,16 +173,16 @@ def _engine(data: Any, index: int) -> EngineConfig:
     for role, stream in engine.inputs.items():
         if not isinstance(stream, str):
             raise ConfigError(f"{where}.inputs.{role} = {stream!r} is not a stream name")
-    if engine.backend not in BACKENDS:
-        raise ConfigError(f"{where}: backend {engine.backend!r} is not one of {BACKENDS}")
-    if engine.precision not in PRECISIONS:
-        raise ConfigError(f"{where}: precision {engine.precision!r} is not one of {PRECISIONS}")
+    table.one_of("backend", engine.backend, BACKENDS,
+                 f"{where}: backend {engine.backend!r} is not one of {BACKENDS}")
+    table.one_of("precision", engine.precision, PRECISIONS,
+                 f"{where}: precision {engine.precision!r} is not one of {PRECISIONS}")
     roles = parse_spec(spec, where).roles() if spec is not None else set()
     if roles - engine.inputs.keys():
         raise ConfigError(f"{where}: the spec reads roles {sorted(roles - engine.inputs.keys())}"
                           f", not in its inputs table {sorted(engine.inputs)}")
-    if engine.rate_hz <= 0:
-        raise ConfigError(f"{where}: rate_hz {engine.rate_hz} must be positive")
+    table.in_range("rate_hz", engine.rate_hz, f"{where}: rate_hz {engine.rate_hz} must be "
+                   "positive", exclusive_minimum=0)
     if not 0 <= engine.align_delay_ns < engine.latency_ns:
         raise ConfigError(f"{where}: align_delay_ms must be at least 0 and below latency_ms")
     return engine
@@ -199,8 +199,9 @@ def _record(data: Any) -> RecordConfig | None:
     if not all(isinstance(t, str) for t in topics):
         raise ConfigError(f"record.topics = {topics!r} must be a list of topic names")
     duration_s = table.get("duration_s", float, None)
-    if duration_s is not None and not 0 < duration_s < 2**63 / 1e9:
-        raise ConfigError(f"record.duration_s = {duration_s} must be positive and fit int64 ns")
+    table.in_range("duration_s", duration_s, f"record.duration_s = {duration_s} must be "
+                   "positive and fit int64 ns", exclusive_minimum=0,
+                   exclusive_maximum=2**63 / 1e9)
     record = RecordConfig(
         path=table.get("path", str), topics=tuple(topics),
         duration_ns=None if duration_s is None else round(duration_s * 1e9),
@@ -210,12 +211,15 @@ def _record(data: Any) -> RecordConfig | None:
         flush_interval_ns=table.ms("flush_interval_ms", 1000.0),
         overwrite=table.get("overwrite", bool, False))
     table.done()
-    if record.preview_hz < 0 or record.chunk_size <= 0 or record.flush_interval_ns <= 0:
-        raise ConfigError("record: preview_hz must not be negative, chunk_size_kb and "
-                          "flush_interval_ms must be positive")
-    if record.compression not in RECORD_COMPRESSIONS:
-        raise ConfigError(f"record.compression = {record.compression!r} is not one of "
-                          f"{RECORD_COMPRESSIONS}")
+    message = ("record: preview_hz must not be negative, chunk_size_kb and flush_interval_ms "
+               "must be positive")
+    table.in_range("preview_hz", record.preview_hz, message, minimum=0)
+    table.in_range("chunk_size_kb", record.chunk_size // 1024, message, exclusive_minimum=0)
+    table.in_range("flush_interval_ms", record.flush_interval_ns / 1e6, message,
+                   exclusive_minimum=0)
+    table.one_of("compression", record.compression, RECORD_COMPRESSIONS,
+                 f"record.compression = {record.compression!r} is not one of "
+                 f"{RECORD_COMPRESSIONS}")
     return record
 
 
@@ -237,6 +241,14 @@ def _parse_config(text: str, source: str) -> NodeConfig:
         raise ConfigError(f"{source}: not valid TOML ({exc})") from None
     except RecursionError:  # tomllib parses nested arrays and tables recursively
         raise ConfigError(f"{source}: not valid TOML (nested too deeply)") from None
+    config = parse_tables(data, source)
+    _check_references(config, source)
+    return config
+
+
+def parse_tables(data: Any, source: str) -> NodeConfig:
+    """The launch file's tables, each checked on its own; what they refer to across tables
+    is checked by `_check_references`. `fusion_node.launch_schema` runs this on probes."""
     root = Table(data, source)
     node = Table(root.get("node", dict, {}), "node")
     drivers = tuple(_driver(d, i) for i, d in enumerate(root.get("drivers", list, [])))
@@ -259,11 +271,15 @@ def _parse_config(text: str, source: str) -> NodeConfig:
         server_secret_key=node.get("server_secret_key", str, None),
         allowed_clients=node.get("allowed_clients", str, None),
         max_future_ns=node.ms("max_future_ms", DEFAULT_MAX_FUTURE_NS / 1e6))
-    if config.max_future_ns < 0:
-        raise ConfigError(f"{source}: node.max_future_ms = {config.max_future_ns / 1e6} must "
-                          "be >= 0")
+    node.in_range("max_future_ms", config.max_future_ns / 1e6, f"{source}: node.max_future_ms "
+                  f"= {config.max_future_ns / 1e6} must be >= 0", minimum=0)
     node.done()
     root.done()
+    return config
+
+
+def _check_references(config: NodeConfig, source: str) -> None:
+    drivers, engines, external = config.drivers, config.engines, config.streams
     streams = ([d.stream for d in drivers] + [e.topic for e in engines]
                + [s.name for s in external])
     duplicated = {s for s in streams if streams.count(s) > 1}
@@ -278,7 +294,6 @@ def _parse_config(text: str, source: str) -> NodeConfig:
     # Driver settings are checked here, so a typo fails before any process starts.
     for driver in drivers:
         check_driver_config(driver.kind, driver.stream, driver.config)
-    return config
 
 
 def load_config(path: str | Path | None = None) -> NodeConfig:

@@ -1,19 +1,34 @@
 """Reading TOML tables strictly: every key is used once, so a typo is an error, not a default.
 
 Launch files and engine specs both read their tables through `Table`, so their errors look
-alike: the table, the key, the bad value, and what is allowed.
+alike: the table, the key, the bad value, and what is allowed. Every check of a key's type,
+presence, choices or range goes through `get`, `one_of` or `in_range`, so the launch file's
+JSON Schema is read off these calls (`fusion_node.launch_schema`), not written beside them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Self, cast
 
 from fusion_node.errors import ConfigError
 
 
+class Probe:
+    """Stands in for a table's data while `fusion_node.launch_schema` runs the parsers: a
+    `Table` made from it is a `table_class`, which notes what the parser asks instead of
+    answering from data."""
+
+    table_class: type[Table]
+
+
 class Table:
+    def __new__(cls, data: Any, where: str) -> Self:
+        if cls is Table and isinstance(data, Probe):
+            return cast(Self, super().__new__(data.table_class))
+        return super().__new__(cls)
+
     def __init__(self, data: Any, where: str) -> None:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where} must be a table, got {data!r}")
@@ -46,21 +61,40 @@ class Table:
     def ms(self, key: str, default: float | None = None) -> int:
         """A duration in ms as integer ns; without a default the key is required."""
         value = self.get(key, float) if default is None else self.get(key, float, default)
-        if not abs(value) < 2**63 / 1_000_000:  # int64 nanoseconds
-            raise ConfigError(f"{self.where}.{key} = {value!r} ms is out of range")
+        limit = 2**63 / 1_000_000  # int64 nanoseconds
+        self.in_range(key, value, f"{self.where}.{key} = {value!r} ms is out of range",
+                      exclusive_minimum=-limit, exclusive_maximum=limit)
         return round(value * 1_000_000)
 
     def positive(self, key: str, default: Any = ...) -> int:
         value = self.get(key, int, default)
-        if value <= 0:
-            raise ConfigError(f"{self.where}.{key} = {value} must be positive")
+        self.in_range(key, value, f"{self.where}.{key} = {value} must be positive",
+                      exclusive_minimum=0)
         return int(value)
 
     def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> str:
         value = self.get(key, str, default)
+        return str(self.one_of(key, value, choices,
+                               f"{self.where}.{key} = {value!r} is not one of {choices}"))
+
+    def one_of(self, key: str, value: Any, choices: tuple[Any, ...], message: str) -> Any:
+        """`value` (read from `key`) if it is one of `choices`, else ConfigError(`message`).
+        Parsers call it where their check belongs, after `done()` too."""
         if value not in choices:
-            raise ConfigError(f"{self.where}.{key} = {value!r} is not one of {choices}")
-        return str(value)
+            raise ConfigError(message)
+        return value
+
+    def in_range(self, key: str, value: float | None, message: str, *,
+                 minimum: float | None = None, exclusive_minimum: float | None = None,
+                 exclusive_maximum: float | None = None) -> None:
+        """ConfigError(`message`) unless `value` (read from `key`, in its unit) is within the
+        bounds; None, an absent optional key, passes."""
+        if value is None:
+            return
+        if not ((minimum is None or value >= minimum)
+                and (exclusive_minimum is None or value > exclusive_minimum)
+                and (exclusive_maximum is None or value < exclusive_maximum)):
+            raise ConfigError(message)
 
     def done(self) -> None:
         """Fail if the table holds keys nothing asked for, listing the allowed ones."""

@@ -5,14 +5,19 @@ the viewer imports rerun, TensorRT is asked whether it can build an engine), so 
 missing or of a release with another API is named here in one line, not met as an
 AttributeError from deep inside a run. With a launch file, only the parts it uses are
 checked, and any that cannot load fails the command: run it before deploying.
+
+`--launch-schema` prints the launch files' JSON Schema instead, generated from the parser
+(fusion_node.launch_schema), for editors that complete and check TOML against one.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from fusion_node.cli.files import add_force, check_output
 from fusion_node.errors import LOAD_FAILURES, ConfigError, FusionError
 
 
@@ -99,9 +104,19 @@ def add_check_parser(commands: Any) -> None:
                                 "rerun, TensorRT, PortAudio, torch) load here")
     check.add_argument("--config", help="check only what this launch file uses, and fail "
                        "if any of it cannot load")
+    check.add_argument("--launch-schema", action="store_true", help="print the JSON Schema "
+                       "of launch files instead, generated from their parser (launch/"
+                       "launch.schema.json is its output)")
+    check.add_argument("--out", metavar="FILE", help="with --launch-schema: write the schema "
+                       "to FILE instead of printing it")
+    add_force(check)
 
 
 def run_check_command(args: argparse.Namespace) -> dict[str, Any]:
+    if args.launch_schema:
+        return _launch_schema(args)
+    if args.out is not None:
+        raise ConfigError("check --out: only --launch-schema writes a file")
     names = list(PARTS)
     if args.config is not None:
         from fusion_node.config import load_config
@@ -115,3 +130,16 @@ def run_check_command(args: argparse.Namespace) -> dict[str, Any]:
                               for name in failed)
             raise ConfigError(f"{args.config}: cannot load {lines}")
     return report
+
+
+def _launch_schema(args: argparse.Namespace) -> dict[str, Any]:
+    from fusion_node.launch_schema import launch_schema, launch_schema_text
+
+    if args.config is not None:
+        raise ConfigError("check --launch-schema: the schema is of every launch file; "
+                          "leave out --config")
+    if args.out is None:
+        return launch_schema()  # printed as JSON, the same text --out writes
+    check_output(args.out, args.force, "check --launch-schema --out")
+    Path(args.out).write_text(launch_schema_text())
+    return {"written": args.out}

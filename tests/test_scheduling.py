@@ -31,7 +31,8 @@ def test_publisher_sends_in_deadline_order_at_the_deadline():
     sent: list[tuple[int, object]] = []
     publisher = DeadlinePublisher(lambda parts: sent.append((clock.now_ns(), decode(parts))),
                                   clock)
-    thread = threading.Thread(target=publisher.run_blocking)
+    # A daemon: a failing assertion must not leave the process waiting on it.
+    thread = threading.Thread(target=publisher.run_blocking, daemon=True)
     thread.start()
     deadlines = [50 * MS, 20 * MS, 40 * MS, 30 * MS]
     for seq, deadline in enumerate(deadlines):
@@ -63,7 +64,7 @@ def test_publisher_sends_health_at_once_and_feeds_back_predictions():
     published: list = []
     publisher = DeadlinePublisher(lambda parts: sent.append(decode(parts)), clock,
                                   on_published=published.append)
-    thread = threading.Thread(target=publisher.run_blocking)
+    thread = threading.Thread(target=publisher.run_blocking, daemon=True)
     thread.start()
     publisher.schedule(Health("node.health", 0, clock.now_ns(), {"ok": True}), clock.now_ns())
     publisher.schedule(prediction(0, 105 * MS), 105 * MS)

@@ -1,7 +1,9 @@
-"""`fusion-node view`: a live node or a log in Rerun (fusion_node.view.rerun).
+"""`fusion-node view`: a live node or a log in Rerun (fusion_node.view.rerun), or a log as
+one PNG (`--snapshot`, fusion_node.view.snapshot).
 
-rerun-sdk is an optional dependency (`pip install fusion-node[view]`): it is imported only
-when the command runs, so `fusion-node --help` works without it.
+rerun-sdk and matplotlib are optional dependencies (`pip install fusion-node[view]`): they
+are imported only when the command runs, so `fusion-node --help` works without them, and
+`--snapshot` needs only matplotlib.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def add_view_parser(commands: Any) -> None:
         description="Without LOG: subscribe to a running node (its publish endpoint and "
         "the drivers' sockets its launch file names) and stream into Rerun. With LOG: the "
         "same from an MCAP log. --save writes an .rrd file instead of opening a viewer "
-        "(headless), to open later with `rerun FILE.rrd`.")
+        "(headless), to open later with `rerun FILE.rrd`. --snapshot draws a log's panels "
+        "into one PNG without Rerun or a display.")
     view.add_argument("log", nargs="?", metavar="LOG.mcap", help="a log to view")
     view.add_argument("--endpoint", action="append", default=[],
                       help="subscribe to this endpoint (repeatable; default: what the launch "
@@ -63,6 +66,11 @@ def add_view_parser(commands: Any) -> None:
     view.add_argument("--foxglove", metavar="OUT.mcap", help="with LOG: write a companion "
                       "MCAP that Foxglove shows with docs/foxglove-layout.json (alone: no "
                       "Rerun viewer is opened)")
+    view.add_argument("--snapshot", metavar="OUT.png", help="with LOG: draw the viewer's "
+                      "panels into one PNG (matplotlib; no Rerun viewer, no display)")
+    view.add_argument("--at", type=float, metavar="SECONDS", help="with --snapshot: the "
+                      "camera frame at this many seconds of sensor time from the log's start "
+                      "(default: the middle of the log)")
     view.add_argument("--connect", metavar="URL", help="stream to a running Rerun viewer, "
                       "e.g. rerun+http://127.0.0.1:9876/proxy")
     view.add_argument("--duration", type=float, metavar="S",
@@ -93,6 +101,8 @@ def run_view_command(args: argparse.Namespace) -> dict[str, Any]:
     if args.nice < 0:
         raise ConfigError(f"view: --nice {args.nice} must be >= 0 (the viewer never runs "
                           "ahead of the node)")
+    if args.snapshot is not None or args.at is not None:
+        return _run_snapshot(args)
     try:
         from fusion_node.view import rerun as viewer
     except LOAD_FAILURES as exc:
@@ -121,5 +131,34 @@ def run_view_command(args: argparse.Namespace) -> dict[str, Any]:
                                      duration_s=args.duration, image_stride=args.image_stride,
                                      stop=stop)
     result.update(saved=args.save, **stats.summary())
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def _run_snapshot(args: argparse.Namespace) -> dict[str, Any]:
+    """`view LOG --snapshot OUT.png`: matplotlib only, so it runs where Rerun cannot."""
+    from fusion_node.config import load_config
+
+    if args.snapshot is None:
+        raise ConfigError("view: --at places the camera of a --snapshot; give --snapshot")
+    if not args.log:
+        raise ConfigError("view: --snapshot draws a LOG; give the log to draw")
+    if args.save or args.connect or args.foxglove:
+        raise ConfigError("view: --snapshot writes a PNG alone, not with --save, --connect "
+                          "or --foxglove")
+    if not args.snapshot.endswith(".png"):
+        raise ConfigError(f"view: --snapshot {args.snapshot!r} must name a .png file")
+    if args.at is not None and not args.at >= 0:
+        raise ConfigError(f"view: --at {args.at} must be >= 0")
+    check_output(args.snapshot, args.force, "view --snapshot")
+    try:
+        from fusion_node.view.snapshot import snapshot_log
+    except LOAD_FAILURES as exc:
+        raise load_failure("view --snapshot: matplotlib", exc, VIEW_REMEDY) from None
+    if args.nice:
+        os.nice(args.nice)
+    config = load_config(args.config) if args.config else None
+    result = snapshot_log(args.log, args.snapshot, config=config, at_s=args.at,
+                          duration_s=args.duration)
     print(json.dumps(result, indent=2))
     return result

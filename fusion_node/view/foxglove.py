@@ -49,13 +49,14 @@ from fusion_node.logs.mcap_format import (
     is_complete,
 )
 from fusion_node.protocol import AudioChunk, Frame, Health, JointState, Message, Prediction
-from fusion_node.view.rerun import (
+from fusion_node.view.common import (
     LATENCY_NAMES,
     SpeechView,
     arm_points,
     due_step,
     latency_ms,
     speech_views,
+    waveform,
 )
 
 _TIME = {"type": "object", "properties": {"sec": {"type": "integer"},
@@ -170,9 +171,7 @@ class _Exporter:
         if isinstance(msg, Frame):
             self._frame(msg)
         elif isinstance(msg, AudioChunk):
-            samples = msg.samples[:, 0].astype(np.float64)
-            if msg.samples.dtype == np.int16:
-                samples /= 32768.0
+            samples = waveform(msg)
             self._write(f"/audio/{topic_name(msg.stream)}/level", msg.t_capture_ns, {
                 "rms": round(float(np.sqrt(np.mean(samples**2))), 6) if len(samples) else 0.0,
                 "peak": round(float(np.max(np.abs(samples))), 6) if len(samples) else 0.0})

@@ -27,8 +27,6 @@ Imports rerun (the `view` extra) at module level: import this module only to vie
 
 from __future__ import annotations
 
-import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -46,44 +44,26 @@ from fusion_node.clock import MonotonicClock
 from fusion_node.config import NodeConfig
 from fusion_node.errors import ConfigError
 from fusion_node.protocol import AudioChunk, Frame, Health, JointState, Message, Prediction
-
-log = logging.getLogger(__name__)
+from fusion_node.view.common import (
+    LATENCY_NAMES,
+    SpeechView,
+    arm_points,
+    due_step,
+    latency_ms,
+    log_config,
+    log_messages,
+    mouth_crop,
+    rgb,
+    speech_views,
+    waveform,
+)
 
 APPLICATION_ID = "fusion-node"
 TIMELINE = "sensor_time"
 DEFAULT_IMAGE_STRIDE = 2  # half resolution, as the Foxglove preview: enough to see the scene
 DEFAULT_JPEG_QUALITY = 80
-LATENCY_POINTS = ("t_receive_ns", "t_window_start_ns", "t_infer_end_ns", "t_ready_ns")
-LATENCY_NAMES = ("capture→receive", "capture→window", "capture→inference end",
-                 "capture→ready", "capture→publish")
 _RECV_TIMEOUT_MS = 100
-# The schematic arm: base and link lengths as fractions of the image height.
-_ARM_BASE = (0.8, 0.97)  # x as a fraction of the width, y of the height: beside the face
-_ARM_LINKS = (0.15, 0.11, 0.06)
 _GREEN, _GREY, _RED = (40, 200, 60), (200, 200, 200), (230, 50, 50)
-
-
-@dataclass(frozen=True)
-class SpeechView:
-    """What the viewer needs of a speech engine: its topic, camera and mouth box."""
-
-    topic: str
-    camera: str
-    mouth_roi: tuple[int, int, int, int]
-
-
-def speech_views(config: NodeConfig) -> list[SpeechView]:
-    """The speech engines of `config` whose mouth box the viewer draws."""
-    views = []
-    for engine in config.engines:
-        if engine.binding != "speech":
-            continue
-        roi = tuple(engine.params.get("mouth_roi", ()))
-        if len(roi) != 4 or not all(isinstance(v, int) for v in roi):
-            raise ConfigError(f"engine {engine.name!r}: params.mouth_roi must be [x, y, w, h] "
-                              f"ints, got {engine.params.get('mouth_roi')!r}")
-        views.append(SpeechView(engine.topic, engine.inputs["video"], roi))  # type: ignore[arg-type]
-    return views
 
 
 def live_endpoints(config: NodeConfig) -> list[str]:
@@ -102,32 +82,6 @@ def live_endpoints(config: NodeConfig) -> list[str]:
 
 def _time(ns: int) -> np.timedelta64:
     return np.timedelta64(int(ns), "ns")
-
-
-def arm_points(angles: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Image points of a planar arm with joint `angles` (rad, each relative to the previous
-    link; all zero points straight up): [len(angles) + 1, 2]."""
-    points = [np.array([_ARM_BASE[0] * width, _ARM_BASE[1] * height])]
-    heading = math.pi / 2
-    for angle, length in zip(angles, _ARM_LINKS):
-        heading += float(angle)
-        step = length * height * np.array([math.cos(heading), -math.sin(heading)])
-        points.append(points[-1] + step)
-    return np.stack(points)
-
-
-def latency_ms(pred: Prediction) -> list[float]:
-    """Milliseconds from the capture of the newest input (the trace's `t_capture_ns`) to
-    each point of LATENCY_NAMES; NaN where the trace lacks the point."""
-    t_capture_ns = pred.trace.get("t_capture_ns", pred.t_ref_ns)
-    points = [pred.trace.get(k) for k in LATENCY_POINTS] + [pred.t_publish_ns]
-    return [math.nan if t is None else (t - t_capture_ns) / 1e6 for t in points]
-
-
-def due_step(step_times_ns: np.ndarray, deadline_ns: int) -> int:
-    """The step a control loop executes when the chunk arrives: the first one due at or
-    after the deadline (the last one if all are earlier)."""
-    return min(int(np.searchsorted(step_times_ns, deadline_ns)), len(step_times_ns) - 1)
 
 
 @dataclass
@@ -197,9 +151,8 @@ class RerunLogger:
     # -- sensors ----------------------------------------------------------------------------
 
     def _frame(self, frame: Frame) -> None:
-        image = frame.image
-        rgb = image if frame.encoding != "bgr8" else image[..., ::-1]
-        small = np.ascontiguousarray(rgb[::self.stride, ::self.stride])
+        image = rgb(frame)
+        small = np.ascontiguousarray(image[::self.stride, ::self.stride])
         height, width = small.shape[:2]
         self._image_size[frame.stream] = (width, height)
         # cv2 encodes BGR; the frame is in shared memory only until its lease ends, and
@@ -212,20 +165,13 @@ class RerunLogger:
         self.rec.log(f"camera/{frame.stream}",
                      rr.EncodedImage(contents=jpeg.tobytes(), media_type="image/jpeg"))
         speech = self._speech_by_camera.get(frame.stream)
-        if speech is not None:
-            x, y, w, h = speech.mouth_roi
-            full_h, full_w = image.shape[:2]
-            x0, y0 = max(0, x), max(0, y)
-            x1, y1 = min(full_w, x + w), min(full_h, y + h)
-            if x0 < x1 and y0 < y1:
-                crop = np.ascontiguousarray(rgb[y0:y1, x0:x1])
-                self.rec.log(f"mouth/{frame.stream}", rr.Image(
-                    crop, color_model="L" if crop.shape[2] == 1 else "RGB"))
+        crop = mouth_crop(image, speech.mouth_roi) if speech is not None else None
+        if crop is not None:
+            self.rec.log(f"mouth/{frame.stream}", rr.Image(
+                np.ascontiguousarray(crop), color_model="L" if crop.shape[2] == 1 else "RGB"))
 
     def _audio(self, chunk: AudioChunk) -> None:
-        samples = chunk.samples[:, 0]
-        scale = 1.0 / 32768.0 if samples.dtype == np.int16 else 1.0
-        values = samples.astype(np.float64) * scale
+        values = waveform(chunk)
         offsets = np.arange(len(values), dtype=np.int64) * 1_000_000_000 // chunk.sample_rate
         times = (chunk.t_capture_ns + offsets).astype("timedelta64[ns]")
         path = f"audio/{chunk.stream}/waveform"
@@ -392,20 +338,6 @@ def _layout_for(kinds: dict[str, list[str]], config: NodeConfig) -> rrb.Blueprin
                      speech, action)
 
 
-def log_config(path: str) -> NodeConfig:
-    """The launch config stored in the log `path`, else the embedded default."""
-    from fusion_node.config import load_config
-    from fusion_node.logs.mcap_format import LogReader
-    from fusion_node.logs.replay import config_from_log
-
-    with LogReader(path) as reader:
-        config = config_from_log(path, reader.metadata())
-    if config is None:
-        log.info("%s holds no launch config: the mouth box is the embedded default's", path)
-        return load_config(None)
-    return config
-
-
 def view_log(path: str, *, config: NodeConfig | None = None, save: str | None = None,
              connect: str | None = None, duration_s: float | None = None,
              image_stride: int = DEFAULT_IMAGE_STRIDE) -> ViewStats:
@@ -420,14 +352,9 @@ def view_log(path: str, *, config: NodeConfig | None = None, save: str | None = 
         kinds = {k: reader.topics([k]) for k in ("frame", "audio", "joints")}
         recording = open_recording(save, connect, None, _layout_for(kinds, config))
         logger = RerunLogger(recording, speech_views(config), image_stride)
-        first_ns: int | None = None
         try:
-            for message in reader.messages():
-                if first_ns is None:
-                    first_ns = message.log_time_ns
-                if duration_s is not None and message.log_time_ns - first_ns > duration_s * 1e9:
-                    break
-                logger.log(message.decode(path))
+            for message in log_messages(reader, path, duration_s):
+                logger.log(message)
         finally:
             recording.flush()
             recording.disconnect()

@@ -27,6 +27,7 @@ from engines.preprocess import image_tensor
 from engines.vocabulary import COMMANDS
 from fusion_node.client import ActionFollower
 from fusion_node.errors import ConfigError
+from fusion_node.progress import progress
 from fusion_node.protocol import Prediction
 from training.stats import wilson
 
@@ -201,52 +202,59 @@ def evaluate_true_commands(model_path: str | Path, episodes: int = 200, seed: in
 
 def _evaluate(engine: Policy, model_path: str, episodes: int, seed: int) -> dict[str, Any]:
     base = arm.EVALUATION_SEED_BASE + seed * 100_000
-    successes, wrong_block = 0, 0
-    times: list[float] = []
-    per_colour = {c: [0, 0] for c in arm.BLOCK_COLOURS}
-    final_errors = []
-    for i in range(episodes):
-        colour = arm.BLOCK_COLOURS[i % len(arm.BLOCK_COLOURS)]
-        command = arm.COLOUR_COMMANDS[i % len(arm.BLOCK_COLOURS)]
-        result = run_episode(engine, base + i, _constant(command))
-        ok = result.reached(colour)
-        successes += ok
-        per_colour[colour][0] += ok
-        per_colour[colour][1] += 1
-        final_errors.append(result.final_distances_m[arm.colour_index(colour)])
-        reach_time = result.reach_time_s[arm.colour_index(colour)]
-        if ok and reach_time is not None:
-            times.append(reach_time)
-        if result.settled_at not in (None, colour):
-            wrong_block += 1
-
     extra = episodes // 4
-    home_effector = arm.end_effector(arm.HOME)
-    home_ok = 0
-    for i in range(extra):
-        result = run_episode(engine, base + 10_000 + i, _constant(arm.COMMAND_HOME))
-        home_ok += bool((np.linalg.norm(result.effector_path_m - home_effector, axis=-1)
-                         <= arm.REACH_TOLERANCE_M).any())
+    with progress(desc="eval action: true command", total=episodes + 3 * extra,
+                  unit="episode") as bar:
+        successes, wrong_block = 0, 0
+        times: list[float] = []
+        per_colour = {c: [0, 0] for c in arm.BLOCK_COLOURS}
+        final_errors = []
+        for i in range(episodes):
+            colour = arm.BLOCK_COLOURS[i % len(arm.BLOCK_COLOURS)]
+            command = arm.COLOUR_COMMANDS[i % len(arm.BLOCK_COLOURS)]
+            result = run_episode(engine, base + i, _constant(command))
+            ok = result.reached(colour)
+            successes += ok
+            per_colour[colour][0] += ok
+            per_colour[colour][1] += 1
+            final_errors.append(result.final_distances_m[arm.colour_index(colour)])
+            reach_time = result.reach_time_s[arm.colour_index(colour)]
+            if ok and reach_time is not None:
+                times.append(reach_time)
+            if result.settled_at not in (None, colour):
+                wrong_block += 1
+            bar.update()
 
-    stop_rng = np.random.default_rng([seed, 0x73746F70])
-    travel, drift = [], []
-    settle = round(STOP_SETTLE_S / arm.STEP_S)
-    for i in range(extra):
-        stop_step = int(stop_rng.integers(25, 51))
-        colour_command = arm.COLOUR_COMMANDS[i % len(arm.BLOCK_COLOURS)]
+        home_effector = arm.end_effector(arm.HOME)
+        home_ok = 0
+        for i in range(extra):
+            result = run_episode(engine, base + 10_000 + i, _constant(arm.COMMAND_HOME))
+            home_ok += bool((np.linalg.norm(result.effector_path_m - home_effector, axis=-1)
+                             <= arm.REACH_TOLERANCE_M).any())
+            bar.update()
 
-        def stop_after(step: int, at: int = stop_step, go: int = colour_command) -> int:
-            return go if step < at else arm.COMMAND_STOP
+        stop_rng = np.random.default_rng([seed, 0x73746F70])
+        travel, drift = [], []
+        settle = round(STOP_SETTLE_S / arm.STEP_S)
+        for i in range(extra):
+            stop_step = int(stop_rng.integers(25, 51))
+            colour_command = arm.COLOUR_COMMANDS[i % len(arm.BLOCK_COLOURS)]
 
-        duration = (stop_step + settle) * arm.STEP_S + 2.0
-        result = run_episode(engine, base + 20_000 + i, stop_after, duration_s=duration)
-        path = result.effector_path_m
-        rest = path[stop_step + settle]
-        travel.append(float(np.linalg.norm(rest - path[stop_step])))
-        drift.append(float(np.linalg.norm(path[stop_step + settle:] - rest, axis=-1).max()))
+            def stop_after(step: int, at: int = stop_step, go: int = colour_command) -> int:
+                return go if step < at else arm.COMMAND_STOP
 
-    moved = sum(run_episode(engine, base + 30_000 + i, _constant(None)).moved
-                for i in range(extra))
+            duration = (stop_step + settle) * arm.STEP_S + 2.0
+            result = run_episode(engine, base + 20_000 + i, stop_after, duration_s=duration)
+            path = result.effector_path_m
+            rest = path[stop_step + settle]
+            travel.append(float(np.linalg.norm(rest - path[stop_step])))
+            drift.append(float(np.linalg.norm(path[stop_step + settle:] - rest, axis=-1).max()))
+            bar.update()
+
+        moved = 0
+        for i in range(extra):
+            moved += run_episode(engine, base + 30_000 + i, _constant(None)).moved
+            bar.update()
     return {
         "model": model_path,
         "model_hash": engine.model_hash,

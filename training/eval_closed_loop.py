@@ -24,6 +24,7 @@ from drivers.sim import arm
 from engines.command_latch import CommandLatch
 from engines.onnxruntime_backend import OnnxRuntimeEngine
 from engines.vocabulary import COMMANDS
+from fusion_node.progress import progress
 from training.eval_action import EPISODE_S, run_episode
 from training.eval_speech import SpeechScorer
 from training.speech_corpus import CLIP_S, SAMPLE_RATE, WINDOW_SAMPLES, Clip, Generator
@@ -79,33 +80,37 @@ def run(action_model: Path, speech_model: Path, episodes: int, seed: int = 0,
     success = {m: 0 for m in modalities}
     wrong = {m: 0 for m in modalities}
     heard = {m: 0 for m in modalities}
-    for i in range(episodes):
-        command = COLOUR_COMMANDS[i % len(COLOUR_COMMANDS)]
-        colour = COMMANDS[command]
-        clip = scorer.generator.clip(SEED_BASE + seed * 100_000 + i, mode="target",
-                                     snr_db=snr_db, noise=noise, command=command)
-        assert clip.command_span is not None
-        word_end = clip.command_span[1]
-        duration = word_end + EPISODE_S
-        for modality in modalities:
-            commands = latched_commands(scorer, clip, modality, duration)
-            heard[modality] += commands[-1] == command
-            result = _episode(action, SEED_BASE + i, commands, duration)
-            success[modality] += result.reached(colour, within_s=duration)
-            wrong[modality] += (result.first_reached is not None
-                                and result.first_reached != colour)
     distractors = max(1, episodes // 2)
     false_action = {m: 0 for m in modalities}
-    for i in range(distractors):
-        command = COLOUR_COMMANDS[i % len(COLOUR_COMMANDS)]
-        clip = scorer.generator.clip(SEED_BASE + seed * 100_000 + 50_000 + i,
-                                     mode="distractor", snr_db=snr_db, noise=noise,
-                                     command=command)
-        duration = CLIP_S + 1.0
-        for modality in modalities:
-            commands = latched_commands(scorer, clip, modality, duration)
-            result = _episode(action, SEED_BASE + 50_000 + i, commands, duration)
-            false_action[modality] += result.moved
+    with progress(desc="eval action: from speech", total=episodes + distractors,
+                  unit="episode") as bar:
+        for i in range(episodes):
+            command = COLOUR_COMMANDS[i % len(COLOUR_COMMANDS)]
+            colour = COMMANDS[command]
+            clip = scorer.generator.clip(SEED_BASE + seed * 100_000 + i, mode="target",
+                                         snr_db=snr_db, noise=noise, command=command)
+            assert clip.command_span is not None
+            word_end = clip.command_span[1]
+            duration = word_end + EPISODE_S
+            for modality in modalities:
+                commands = latched_commands(scorer, clip, modality, duration)
+                heard[modality] += commands[-1] == command
+                result = _episode(action, SEED_BASE + i, commands, duration)
+                success[modality] += result.reached(colour, within_s=duration)
+                wrong[modality] += (result.first_reached is not None
+                                    and result.first_reached != colour)
+            bar.update()
+        for i in range(distractors):
+            command = COLOUR_COMMANDS[i % len(COLOUR_COMMANDS)]
+            clip = scorer.generator.clip(SEED_BASE + seed * 100_000 + 50_000 + i,
+                                         mode="distractor", snr_db=snr_db, noise=noise,
+                                         command=command)
+            duration = CLIP_S + 1.0
+            for modality in modalities:
+                commands = latched_commands(scorer, clip, modality, duration)
+                result = _episode(action, SEED_BASE + 50_000 + i, commands, duration)
+                false_action[modality] += result.moved
+            bar.update()
     return {
         "condition": f"{noise} at {snr_db:g} dB SNR, held-out voices and faces",
         "episodes": episodes,

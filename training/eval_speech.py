@@ -34,6 +34,7 @@ import numpy as np
 
 from engines.onnxruntime_backend import OnnxRuntimeEngine
 from engines.vocabulary import COMMANDS
+from fusion_node.progress import progress, progress_seconds
 from training.noises import STATIONARY_NOISES
 from training.speech_corpus import (
     CLIP_S,
@@ -63,6 +64,13 @@ SEED_BASE = 900_000
 
 def _snr_name(snr: float | None) -> str:
     return "clean" if snr is None else f"{snr:g}dB"
+
+
+def _conditions() -> list[tuple[str, str | None, float | None]]:
+    """(name, noise, SNR) of the noise conditions: clean once (clean audio has no noise
+    type), then every noise at every SNR."""
+    return [("clean", None, None) if snr is None else (f"{noise}/{_snr_name(snr)}", noise, snr)
+            for noise in EVAL_NOISES for snr in SNRS if snr is not None or noise == EVAL_NOISES[0]]
 
 
 @dataclass
@@ -113,20 +121,19 @@ def tiling_windows(generator: Generator, clip: Clip) -> list[Window]:
 def evaluate_commands(scorer: SpeechScorer, clips_per_condition: int) -> dict[str, object]:
     generator = scorer.generator
     table: dict[str, dict[str, object]] = {}
-    for noise in EVAL_NOISES:
-        for snr in SNRS:
-            if snr is None and noise != EVAL_NOISES[0]:
-                continue  # clean audio has no noise type
-            name = "clean" if snr is None else f"{noise}/{_snr_name(snr)}"
+    conditions = _conditions()
+    with progress(desc="eval speech: commands", total=len(conditions) * clips_per_condition,
+                  unit="clip") as bar:
+        for name, noise, snr in conditions:
             correct = {m: [] for m in MODALITIES}
             for i in range(clips_per_condition):
-                clip = generator.clip(SEED_BASE + i, mode="target", snr_db=snr,
-                                      noise=None if snr is None else noise,
+                clip = generator.clip(SEED_BASE + i, mode="target", snr_db=snr, noise=noise,
                                       clean=snr is None)
                 window = command_window(generator, clip)
                 for modality in MODALITIES:
                     correct[modality].append(scorer.run(window, modality)["command"]
                                              == clip.command)
+                bar.update()
             row: dict[str, object] = {m: proportion(sum(v), len(v)) for m, v in correct.items()}
             av, ao = np.array(correct["audio_video"]), np.array(correct["audio_only"])
             row["av_vs_audio"] = {
@@ -142,7 +149,7 @@ def evaluate_overlap(scorer: SpeechScorer, clips: int, snr_db: float | None = No
     """Visible speaker says A, an off-screen voice says B at a similar level."""
     generator = scorer.generator
     picks = {m: {"visible": 0, "off_screen": 0} for m in MODALITIES}
-    for i in range(clips):
+    for i in progress(range(clips), desc="eval speech: overlap", unit="clip"):
         clip = generator.clip(SEED_BASE + 50_000 + i, mode="overlap", snr_db=snr_db,
                               clean=snr_db is None)
         window = command_window(generator, clip)
@@ -165,16 +172,14 @@ def evaluate_frames(scorer: SpeechScorer, clips_per_snr: int) -> dict[str, objec
     speaker_scores: list[np.ndarray] = []
     speaker_labels: list[np.ndarray] = []
     modes = ("target", "distractor", "overlap", "chatter", "real", "silence")
-    for noise in EVAL_NOISES:
-        for snr in SNRS:
-            if snr is None and noise != EVAL_NOISES[0]:
-                continue
-            name = "clean" if snr is None else f"{noise}/{_snr_name(snr)}"
+    conditions = _conditions()
+    with progress(desc="eval speech: voice activity, active speaker",
+                  total=len(conditions) * clips_per_snr, unit="clip") as bar:
+        for name, noise, snr in conditions:
             labels, ours, audio_only, theirs = [], [], [], []
             for i in range(clips_per_snr):
                 clip = generator.clip(SEED_BASE + 100_000 + i, mode=modes[i % len(modes)],
-                                      snr_db=snr, noise=None if snr is None else noise,
-                                      clean=snr is None)
+                                      snr_db=snr, noise=noise, clean=snr is None)
                 probability = silero.frame_probabilities(clip.audio)
                 for window in tiling_windows(generator, clip):
                     av = scorer.run(window, "audio_video")
@@ -185,6 +190,7 @@ def evaluate_frames(scorer: SpeechScorer, clips_per_snr: int) -> dict[str, objec
                     speaker_scores.append(av["speaker"])
                     speaker_labels.append(window.speaker)
                     theirs.append(probability[_frame_indices(window)])
+                bar.update()
             y = np.concatenate(labels) > 0.5
             vad_rows[name] = {
                 "audio_video_f1": f1(np.concatenate(ours) > 0.5, y),
@@ -209,7 +215,7 @@ def evaluate_distractor(scorer: SpeechScorer, clips: int) -> dict[str, object]:
     speaker_onsets = {m: 0 for m in ("audio_video", "audio_only")}
     command_onsets = {m: 0 for m in ("audio_video", "audio_only")}
     seconds = 0.0
-    for i in range(clips):
+    for i in progress(range(clips), desc="eval speech: distractor", unit="clip"):
         clip = generator.clip(SEED_BASE + 200_000 + i, mode="distractor", clean=True)
         ends = np.arange(WINDOW_SAMPLES / SAMPLE_RATE + FRAME_S, CLIP_S + 1e-9, FRAME_S)
         seconds += len(ends) * FRAME_S
@@ -286,37 +292,44 @@ def evaluate_families(scorer: SpeechScorer, peer: object | None, clips_per_voice
     audio+video accuracy per voice (espeak-ng voices grouped by variant)."""
     generator = scorer.generator
     out: dict[str, object] = {}
-    for family in generator.bank.families:
-        voices = sorted({v.split("+")[-1] for v in generator.bank.voices(family)})
-        clips = max(clips_per_family, clips_per_voice * len(voices))
-        row: dict[str, object] = {"voices": len(voices)}
-        for condition, snr in (("clean", None), ("babble/0dB", 0.0)):
-            right: dict[str, list[bool]] = {m: [] for m in (*MODALITIES, "pocketsphinx")}
-            per_voice: dict[str, list[bool]] = {v: [] for v in voices}
-            for i in range(clips):
-                voice = voices[i % len(voices)]
-                clip = generator.clip(SEED_BASE + 300_000 + i, mode="target", snr_db=snr,
-                                      noise=None if snr is None else "babble",
-                                      clean=snr is None, family=family, voice=voice)
-                window = command_window(generator, clip)
-                for modality in MODALITIES:
-                    right[modality].append(scorer.run(window, modality)["command"]
-                                           == clip.command)
-                per_voice[voice].append(right["audio_video"][-1])
+    voices_of = {family: sorted({v.split("+")[-1] for v in generator.bank.voices(family)})
+                 for family in generator.bank.families}
+    clips_of = {family: max(clips_per_family, clips_per_voice * len(voices))
+                for family, voices in voices_of.items()}
+    conditions = (("clean", None), ("babble/0dB", 0.0))
+    with progress(desc="eval speech: families", total=len(conditions) * sum(clips_of.values()),
+                  unit="clip") as bar:
+        for family, voices in voices_of.items():
+            clips = clips_of[family]
+            row: dict[str, object] = {"voices": len(voices)}
+            for condition, snr in conditions:
+                right: dict[str, list[bool]] = {m: [] for m in (*MODALITIES, "pocketsphinx")}
+                per_voice: dict[str, list[bool]] = {v: [] for v in voices}
+                for i in range(clips):
+                    voice = voices[i % len(voices)]
+                    clip = generator.clip(SEED_BASE + 300_000 + i, mode="target", snr_db=snr,
+                                          noise=None if snr is None else "babble",
+                                          clean=snr is None, family=family, voice=voice)
+                    window = command_window(generator, clip)
+                    for modality in MODALITIES:
+                        right[modality].append(scorer.run(window, modality)["command"]
+                                               == clip.command)
+                    per_voice[voice].append(right["audio_video"][-1])
+                    if peer is not None:
+                        right["pocketsphinx"].append(peer.command(clip.audio)  # type: ignore
+                                                     == clip.command)
+                    bar.update()
+                result: dict[str, object] = {m: proportion(sum(v), len(v))
+                                             for m, v in right.items() if v}
+                result["av_vs_audio"] = _paired(right)
                 if peer is not None:
-                    right["pocketsphinx"].append(peer.command(clip.audio)  # type: ignore
-                                                 == clip.command)
-            result: dict[str, object] = {m: proportion(sum(v), len(v))
-                                         for m, v in right.items() if v}
-            result["av_vs_audio"] = _paired(right)
-            if peer is not None:
-                result["av_vs_pocketsphinx"] = _paired(right, "audio_video", "pocketsphinx")
-                result["audio_vs_pocketsphinx"] = _paired(right, "audio_only", "pocketsphinx")
-            if condition == "clean":
-                result["per_voice_audio_video"] = {v: proportion(sum(r), len(r))
-                                                   for v, r in per_voice.items()}
-            row[condition] = result
-        out[family] = row
+                    result["av_vs_pocketsphinx"] = _paired(right, "audio_video", "pocketsphinx")
+                    result["audio_vs_pocketsphinx"] = _paired(right, "audio_only", "pocketsphinx")
+                if condition == "clean":
+                    result["per_voice_audio_video"] = {v: proportion(sum(r), len(r))
+                                                       for v, r in per_voice.items()}
+                row[condition] = result
+            out[family] = row
     return out
 
 
@@ -324,7 +337,7 @@ def evaluate_validation(scorer: SpeechScorer, clips: int) -> dict[str, object]:
     """Clean command accuracy on the split the checkpoint was selected on."""
     generator = scorer.generator
     right: dict[str, list[bool]] = {m: [] for m in MODALITIES}
-    for i in range(clips):
+    for i in progress(range(clips), desc="eval speech: validation", unit="clip"):
         clip = generator.clip(SEED_BASE + i, mode="target", clean=True)
         window = command_window(generator, clip)
         for modality in MODALITIES:
@@ -358,34 +371,40 @@ def evaluate_real_speech(scorer: SpeechScorer, clips: int, stream_s: float
     generator = scorer.generator
     silero = SileroVad()
     vad: dict[str, object] = {}
-    for condition, snr in (("clean", None), ("pink/10dB", 10.0)):
-        groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {
-            "audio_video": [], "audio_only": [], "silero": []}
-        for i in range(clips):
-            clip = generator.clip(SEED_BASE + 400_000 + i, mode="real", snr_db=snr,
-                                  noise=None if snr is None else "pink", clean=snr is None)
-            probability = silero.frame_probabilities(clip.audio)
-            for window in tiling_windows(generator, clip):
-                labels = window.vad > 0.5
-                groups["audio_video"].append((scorer.run(window, "audio_video")["vad"] > 0.5,
-                                              labels))
-                groups["audio_only"].append((scorer.run(window, "audio_only")["vad"] > 0.5,
-                                             labels))
-                groups["silero"].append((probability[_frame_indices(window)] > 0.5, labels))
-        vad[condition] = {name: bootstrap(f1, g) for name, g in groups.items()}
+    conditions = (("clean", None), ("pink/10dB", 10.0))
+    with progress(desc="eval speech: real speech, voice activity",
+                  total=len(conditions) * clips, unit="clip") as bar:
+        for condition, snr in conditions:
+            groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {
+                "audio_video": [], "audio_only": [], "silero": []}
+            for i in range(clips):
+                clip = generator.clip(SEED_BASE + 400_000 + i, mode="real", snr_db=snr,
+                                      noise=None if snr is None else "pink", clean=snr is None)
+                probability = silero.frame_probabilities(clip.audio)
+                for window in tiling_windows(generator, clip):
+                    labels = window.vad > 0.5
+                    for modality in ("audio_video", "audio_only"):
+                        groups[modality].append((scorer.run(window, modality)["vad"] > 0.5,
+                                                 labels))
+                    groups["silero"].append((probability[_frame_indices(window)] > 0.5, labels))
+                bar.update()
+            vad[condition] = {name: bootstrap(f1, g) for name, g in groups.items()}
     # False commands: real syllables back to back, as a person talking near the robot.
     events = {"audio_video": 0, "audio_only": 0}
     seconds = 0.0
     i = 0
-    while seconds < stream_s:
-        clip = generator.clip(SEED_BASE + 500_000 + i, mode="real", clean=True)
-        i += 1
-        ends = np.arange(WINDOW_SAMPLES / SAMPLE_RATE, CLIP_S + 1e-9, FRAME_S)
-        seconds += CLIP_S - WINDOW_SAMPLES / SAMPLE_RATE
-        for modality in events:
-            posteriors = [scorer.posterior(generator.window(
-                clip, round(t * SAMPLE_RATE) / SAMPLE_RATE), modality) for t in ends]
-            events[modality] += command_events(posteriors)
+    with progress_seconds(stream_s, desc="eval speech: false commands, seconds of real "
+                          "speech") as bar:
+        while seconds < stream_s:
+            clip = generator.clip(SEED_BASE + 500_000 + i, mode="real", clean=True)
+            i += 1
+            ends = np.arange(WINDOW_SAMPLES / SAMPLE_RATE, CLIP_S + 1e-9, FRAME_S)
+            seconds += CLIP_S - WINDOW_SAMPLES / SAMPLE_RATE
+            for modality in events:
+                posteriors = [scorer.posterior(generator.window(
+                    clip, round(t * SAMPLE_RATE) / SAMPLE_RATE), modality) for t in ends]
+                events[modality] += command_events(posteriors)
+            bar.at(seconds)
     return {"voice_activity_f1": vad,
             "false_commands_per_hour": {m: poisson_rate(e, seconds / 3600)
                                         for m, e in events.items()},
@@ -398,18 +417,21 @@ def evaluate_noise_alone(scorer: SpeechScorer, clips: int) -> dict[str, object]:
     generator = scorer.generator
     silero = SileroVad()
     out: dict[str, object] = {}
-    for kind in STATIONARY_NOISES:
-        groups: dict[str, list[tuple[np.ndarray]]] = {"audio_video": [], "audio_only": [],
-                                                      "silero": []}
-        for i in range(clips):
-            clip = generator.clip(SEED_BASE + 600_000 + i, mode="silence", snr_db=0.0,
-                                  noise=kind, clean=False)
-            probability = silero.frame_probabilities(clip.audio)
-            for window in tiling_windows(generator, clip):
-                groups["audio_video"].append((scorer.run(window, "audio_video")["vad"] > 0.5,))
-                groups["audio_only"].append((scorer.run(window, "audio_only")["vad"] > 0.5,))
-                groups["silero"].append((probability[_frame_indices(window)] > 0.5,))
-        out[kind] = {name: bootstrap(np.mean, g) for name, g in groups.items()}
+    with progress(desc="eval speech: noise alone", total=len(STATIONARY_NOISES) * clips,
+                  unit="clip") as bar:
+        for kind in STATIONARY_NOISES:
+            groups: dict[str, list[tuple[np.ndarray]]] = {"audio_video": [], "audio_only": [],
+                                                          "silero": []}
+            for i in range(clips):
+                clip = generator.clip(SEED_BASE + 600_000 + i, mode="silence", snr_db=0.0,
+                                      noise=kind, clean=False)
+                probability = silero.frame_probabilities(clip.audio)
+                for window in tiling_windows(generator, clip):
+                    for modality in ("audio_video", "audio_only"):
+                        groups[modality].append((scorer.run(window, modality)["vad"] > 0.5,))
+                    groups["silero"].append((probability[_frame_indices(window)] > 0.5,))
+                bar.update()
+            out[kind] = {name: bootstrap(np.mean, g) for name, g in groups.items()}
     return out
 
 
@@ -425,32 +447,36 @@ def evaluate_real_faces(scorer: SpeechScorer, utterances: int) -> dict[str, obje
     spoken = generator.bank.commands + generator.bank.chatter
     rng = np.random.default_rng(SEED_BASE + 800_000)
     out: dict[str, object] = {}
-    for photo in ("grace_hopper", "astronaut"):
-        groups: list[tuple[np.ndarray, np.ndarray]] = []
-        for k in range(utterances):
-            utterance = spoken[int(rng.integers(len(spoken)))]
-            start_s = 0.3
-            audio = np.zeros(int(CLIP_S * SAMPLE_RATE), np.float32)
-            begin = int(start_s * SAMPLE_RATE)
-            samples = utterance.samples[: len(audio) - begin]
-            audio[begin:begin + len(samples)] = samples * 0.3
-            duration = len(utterance.samples) / SAMPLE_RATE
-            talking = SpokenTrack(utterance.phonemes, start_s, duration, 0.02)
-            ends = np.arange(WINDOW_SAMPLES / SAMPLE_RATE + 0.2, CLIP_S + 1e-9,
-                             WINDOW_FRAMES * FRAME_S)
-            head = HeadMotion.random(rng)
-            for track, label in ((talking, 1.0), (StillTrack.random(rng), 0.0)):
-                windows = mouth_windows(photo, track, list(ends), head=head, audio=audio,
-                                        fps=25.0, rate_hz=25.0)
-                for window in windows:
-                    heard = talking.speaking(window.slots_s)
-                    if not heard.any():
-                        continue
-                    logits = scorer.engine.infer(window.feeds)["speaker_logits"][0]
-                    groups.append((1 / (1 + np.exp(-logits[heard])),
-                                   np.full(int(heard.sum()), label)))
-        out[photo] = bootstrap(average_precision, groups)
-        out[photo]["held_out"] = photo not in generator_split_photos("train")
+    photos = ("grace_hopper", "astronaut")
+    with progress(desc="eval speech: real faces", total=len(photos) * utterances,
+                  unit="utterance") as bar:
+        for photo in photos:
+            groups: list[tuple[np.ndarray, np.ndarray]] = []
+            for k in range(utterances):
+                utterance = spoken[int(rng.integers(len(spoken)))]
+                start_s = 0.3
+                audio = np.zeros(int(CLIP_S * SAMPLE_RATE), np.float32)
+                begin = int(start_s * SAMPLE_RATE)
+                samples = utterance.samples[: len(audio) - begin]
+                audio[begin:begin + len(samples)] = samples * 0.3
+                duration = len(utterance.samples) / SAMPLE_RATE
+                talking = SpokenTrack(utterance.phonemes, start_s, duration, 0.02)
+                ends = np.arange(WINDOW_SAMPLES / SAMPLE_RATE + 0.2, CLIP_S + 1e-9,
+                                 WINDOW_FRAMES * FRAME_S)
+                head = HeadMotion.random(rng)
+                for track, label in ((talking, 1.0), (StillTrack.random(rng), 0.0)):
+                    windows = mouth_windows(photo, track, list(ends), head=head, audio=audio,
+                                            fps=25.0, rate_hz=25.0)
+                    for window in windows:
+                        heard = talking.speaking(window.slots_s)
+                        if not heard.any():
+                            continue
+                        logits = scorer.engine.infer(window.feeds)["speaker_logits"][0]
+                        groups.append((1 / (1 + np.exp(-logits[heard])),
+                                       np.full(int(heard.sum()), label)))
+                bar.update()
+            out[photo] = bootstrap(average_precision, groups)
+            out[photo]["held_out"] = photo not in generator_split_photos("train")
     return out
 
 
@@ -500,7 +526,8 @@ def validation_clips(generator: Generator, count: int) -> list[tuple[np.ndarray,
     """(clip audio, command) pairs of the validation split, clean and babble 0 dB, to tune
     the keyword spotter's threshold on."""
     pairs = []
-    for i in range(count):
+    for i in progress(range(count), desc="eval speech: clips to tune pocketsphinx on",
+                      unit="clip"):
         snr = None if i % 2 else 0.0
         clip = generator.clip(SEED_BASE + 700_000 + i, mode="target" if i % 4 else "chatter",
                               snr_db=snr, noise=None if snr is None else "babble",

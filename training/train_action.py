@@ -31,6 +31,7 @@ from drivers.sim import arm
 from engines.preprocess import image_tensor
 from engines.vocabulary import COMMANDS
 from fusion_node.errors import ConfigError
+from fusion_node.progress import progress, write
 from training.eval_action import command_feed
 from training.export import _action_preprocessing, export_onnx
 from training.models import ACTION_HORIZON, ActionModel
@@ -215,7 +216,7 @@ def validation_loss(model: ActionModel, data: list[tuple[dict[str, np.ndarray], 
     return total / count
 
 
-def train(config: TrainConfig, log=print, checkpoint: Path | None = None
+def train(config: TrainConfig, log=write, checkpoint: Path | None = None
           ) -> tuple[ActionModel, dict[str, float]]:
     """Behaviour-clone the expert for `config.steps` steps -> (model, figures).
 
@@ -246,29 +247,30 @@ def train(config: TrainConfig, log=print, checkpoint: Path | None = None
     started = time.perf_counter()
     running, seen = 0.0, 0
     figures = {"initial_validation_l1": first_val}
-    for step in range(1, config.steps + 1):
-        feeds, labels = source.batch(config.batch, config.steps_per_batch)
-        predicted = model(**_tensors(feeds))["actions"]
-        loss = (predicted - torch.from_numpy(labels)).abs().mean()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        scheduler.step()
-        running += loss.item()
-        seen += 1
-        if step == 1:
-            figures["first_train_l1"] = loss.item()
-        if step % config.log_every == 0 or step == config.steps:
-            elapsed = time.perf_counter() - started
-            log(f"step {step}/{config.steps}: train L1 {running / seen:.4f} rad, "
-                f"lr {scheduler.get_last_lr()[0]:.2e}, {elapsed:.0f} s")
-            figures["train_l1"] = running / seen
-            running, seen = 0.0, 0
-        if step % config.validate_every == 0 and step != config.steps:
-            log(f"step {step}: validation L1 {validation_loss(model, validation):.4f} rad")
-            if checkpoint is not None:
-                torch.save(model.state_dict(), checkpoint)
+    with progress(range(1, config.steps + 1), desc="train action", unit="step") as bar:
+        for step in bar:
+            feeds, labels = source.batch(config.batch, config.steps_per_batch)
+            predicted = model(**_tensors(feeds))["actions"]
+            loss = (predicted - torch.from_numpy(labels)).abs().mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimiser.step()
+            scheduler.step()
+            running += loss.item()
+            seen += 1
+            if step == 1:
+                figures["first_train_l1"] = loss.item()
+            if step % config.log_every == 0 or step == config.steps:
+                elapsed = time.perf_counter() - started
+                log(f"step {step}/{config.steps}: train L1 {running / seen:.4f} rad, "
+                    f"lr {scheduler.get_last_lr()[0]:.2e}, {elapsed:.0f} s")
+                figures["train_l1"] = running / seen
+                running, seen = 0.0, 0
+            if step % config.validate_every == 0 and step != config.steps:
+                log(f"step {step}: validation L1 {validation_loss(model, validation):.4f} rad")
+                if checkpoint is not None:
+                    torch.save(model.state_dict(), checkpoint)
     figures["validation_l1"] = validation_loss(model, validation)
     figures["train_s"] = time.perf_counter() - started
     log(f"final validation L1 {figures['validation_l1']:.4f} rad "

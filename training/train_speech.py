@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.vocabulary import COMMANDS
+from fusion_node.progress import progress, write
 from training import models
 from training.export import _speech_preprocessing, export_onnx
 from training.speech_bank import SpeechBank, bank_path, load_or_build
@@ -59,10 +60,10 @@ def curriculum(batch_index: int, ramp_batches: int, rng: np.random.Generator
     with the lips to lean on it would never learn to listen. 30% of clips stay clean: with
     15%, most of the model's errors on clean audio were lips read wrongly overruling a
     word heard rightly."""
-    progress = min(1.0, batch_index / max(1, ramp_batches))
-    if rng.random() < 0.5 - 0.2 * progress:
+    ramp = min(1.0, batch_index / max(1, ramp_batches))
+    if rng.random() < 0.5 - 0.2 * ramp:
         return {"clean": True}
-    return {"clean": False, "snr_db": float(rng.uniform(20 - 32 * progress, 20))}
+    return {"clean": False, "snr_db": float(rng.uniform(20 - 32 * ramp, 20))}
 
 
 def _produce(seed: int, clips: int, bank: Path, ramp_batches: int, worker: int, workers: int,
@@ -215,7 +216,7 @@ def train(out: Path, steps: int, seed: int, lr: float, validation_windows: int,
 
     limit_s = None if max_minutes is None else 60 * max_minutes
 
-    def progress(step: int) -> float:
+    def fraction_done(step: int) -> float:
         """How far training is: by steps, or by time when a time limit comes first."""
         by_steps = (step - warmup) / max(1, steps - warmup)
         if limit_s is None:
@@ -225,7 +226,7 @@ def train(out: Path, steps: int, seed: int, lr: float, validation_windows: int,
     def schedule(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress(step))))
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, fraction_done(step))))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
     dropout_rng = torch.Generator().manual_seed(seed)
@@ -239,43 +240,44 @@ def train(out: Path, steps: int, seed: int, lr: float, validation_windows: int,
     first_loss = None
     data = batches(seed, BATCH, ramp_batches=steps // 3, workers=workers,
                    bank=bank_path(bank_dir, "train", bank_size))
-    for step in range(steps):
-        if limit_s is not None and time.monotonic() - started > limit_s:
-            print(f"time limit of {max_minutes} min reached at step {step}", flush=True)
-            metrics = evaluate(model, validation, device)
-            score = metrics["command_acc_av"] + 0.1 * (metrics["vad_acc"]
-                                                       + metrics["speaker_acc"])
-            if score > best["score"]:
-                best = {"score": score, "step": step, **metrics}
-                best_state = {k: v.clone() for k, v in model.state_dict().items()}
-            break
-        arrays = next(data)
-        tensors = {k: v.to(device) for k, v in _tensors(arrays).items()}
-        feeds = drop_modalities({k: tensors[k] for k in MODEL_INPUTS}, dropout_rng)
-        parts = losses(model(**feeds), tensors)
-        optimiser.zero_grad(set_to_none=True)
-        parts["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
-        scheduler.step()
-        for k, v in parts.items():
-            running[k] = 0.98 * running.get(k, v.item()) + 0.02 * v.item()
-        if first_loss is None:
-            first_loss = parts["total"].item()
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            metrics = evaluate(model, validation, device)
-            # Selection: audio+video command accuracy first, the frame heads break ties.
-            score = metrics["command_acc_av"] + 0.1 * (metrics["vad_acc"]
-                                                       + metrics["speaker_acc"])
-            marker = ""
-            if score > best["score"]:
-                best = {"score": score, "step": step + 1, **metrics}
-                best_state = {k: v.clone() for k, v in model.state_dict().items()}
-                marker = " *"
-            elapsed = time.monotonic() - started
-            print(f"step {step + 1}/{steps} {elapsed:.0f} s loss "
-                  + " ".join(f"{k} {v:.3f}" for k, v in running.items()) + " | val "
-                  + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + marker, flush=True)
+    with progress(range(steps), desc="train speech", unit="step") as bar:
+        for step in bar:
+            if limit_s is not None and time.monotonic() - started > limit_s:
+                write(f"time limit of {max_minutes} min reached at step {step}")
+                metrics = evaluate(model, validation, device)
+                score = metrics["command_acc_av"] + 0.1 * (metrics["vad_acc"]
+                                                           + metrics["speaker_acc"])
+                if score > best["score"]:
+                    best = {"score": score, "step": step, **metrics}
+                    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+                break
+            arrays = next(data)
+            tensors = {k: v.to(device) for k, v in _tensors(arrays).items()}
+            feeds = drop_modalities({k: tensors[k] for k in MODEL_INPUTS}, dropout_rng)
+            parts = losses(model(**feeds), tensors)
+            optimiser.zero_grad(set_to_none=True)
+            parts["total"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimiser.step()
+            scheduler.step()
+            for k, v in parts.items():
+                running[k] = 0.98 * running.get(k, v.item()) + 0.02 * v.item()
+            if first_loss is None:
+                first_loss = parts["total"].item()
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                metrics = evaluate(model, validation, device)
+                # Selection: audio+video command accuracy first, the frame heads break ties.
+                score = metrics["command_acc_av"] + 0.1 * (metrics["vad_acc"]
+                                                           + metrics["speaker_acc"])
+                marker = ""
+                if score > best["score"]:
+                    best = {"score": score, "step": step + 1, **metrics}
+                    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+                    marker = " *"
+                elapsed = time.monotonic() - started
+                write(f"step {step + 1}/{steps} {elapsed:.0f} s loss "
+                      + " ".join(f"{k} {v:.3f}" for k, v in running.items()) + " | val "
+                      + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + marker)
     assert best_state is not None
     model.load_state_dict(best_state)
     model = model.cpu().eval()

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from fusion_node.clock import MonotonicClock
+from fusion_node.progress import progress_seconds
 from fusion_node.protocol import Prediction
 
 _MS = 1_000_000
@@ -66,10 +67,10 @@ def run_client_bench(duration_s: float = 10.0, rate_hz: float = 1000.0) -> dict[
     clock = MonotonicClock()
     costs_ns: list[int] = []
     fresh = 0
-    with Client(endpoint) as client:
+    with Client(endpoint) as client, progress_seconds(duration_s, desc="bench client") as bar:
         time.sleep(1.0)  # connect and let the first messages arrive
         period_ns = round(1e9 / rate_hz)
-        next_ns = clock.now_ns()
+        next_ns = start_ns = clock.now_ns()
         last_seq = -1
         end_ns = next_ns + round(duration_s * 1e9)
         while next_ns < end_ns:
@@ -81,6 +82,7 @@ def run_client_bench(duration_s: float = 10.0, rate_hz: float = 1000.0) -> dict[
                 fresh += 1
                 last_seq = latest.seq
             next_ns += period_ns
+            bar.at((next_ns - start_ns) / 1e9)  # outside the timed call
     sender.join(5)
     costs_us = np.asarray(costs_ns) / 1e3
     p50, p99 = np.percentile(costs_us, [50, 99])

@@ -17,6 +17,7 @@ def run_clock_bench(duration_s: float = 10.0, offset_s: float = 2.5, drift_ppm: 
     import zmq
 
     from fusion_node.clock import MonotonicClock
+    from fusion_node.progress import progress_seconds
     from fusion_node.remote_clock import ClockError, ClockTracker, SimulatedRemoteClock
 
     command = [sys.executable, "-m", "fusion_node.remote_clock", "serve", "tcp://127.0.0.1:*",
@@ -28,6 +29,7 @@ def run_clock_bench(duration_s: float = 10.0, offset_s: float = 2.5, drift_ppm: 
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     tracker = None
     series = []
+    bar = progress_seconds(duration_s, desc="bench clock")
     try:
         line = process.stdout.readline() if process.stdout else ""
         if not line:
@@ -46,8 +48,10 @@ def run_clock_bench(duration_s: float = 10.0, offset_s: float = 2.5, drift_ppm: 
                                "uncertainty_ms": round(uncertainty_ns / 1e6, 4),
                                "covered": abs(error_ns) <= uncertainty_ns})
             next_ns += tracker.period_ns
+            bar.at((clock.now_ns() - start_ns) / 1e9)
             time.sleep(max(0.0, (next_ns - clock.now_ns()) / 1e9))
     finally:
+        bar.close()
         if tracker is not None:
             tracker.close()
         process.terminate()

@@ -65,6 +65,7 @@ def _bench_model(name: str, skipped: dict[str, str], rng: np.random.Generator,
     from engines.onnxruntime_backend import OnnxRuntimeEngine
     from engines.torch_backend import TorchEngine
     from fusion_node.node import model_path
+    from fusion_node.progress import progress
     from training import models
 
     inputs = {"speech": models.SPEECH_INPUTS, "action": models.ACTION_INPUTS}[name]
@@ -83,7 +84,9 @@ def _bench_model(name: str, skipped: dict[str, str], rng: np.random.Generator,
             candidates.append((f"tensorrt-{precision}", precision,
                                TensorRTEngine(path, precision=precision)))
     rows: list[dict[str, Any]] = []
-    for backend, precision, engine in candidates:
+    # One step per backend, not per call: nothing of the bar runs among the timed calls.
+    for backend, precision, engine in progress(candidates, desc=f"bench engines: {name}",
+                                               unit="backend"):
         row: dict[str, Any] = {"model": name, "backend": backend, "precision": precision,
                                "threads": 1 if backend in ("torch", "onnxruntime") else None}
         if engine is reference:

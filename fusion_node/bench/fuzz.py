@@ -48,6 +48,7 @@ import msgpack
 import numpy as np
 
 from fusion_node.errors import CalibrationError, ConfigError, ProtocolError, ReplayError
+from fusion_node.progress import progress, progress_seconds
 from fusion_node.protocol import (
     DTYPES,
     AudioChunk,
@@ -795,13 +796,17 @@ def fuzz_target(target: Target, *, inputs: int | None = None, seconds: float | N
     start_ns = time.perf_counter_ns()
     deadline_ns = None if seconds is None else start_ns + round(seconds * 1e9)
     tracing = memory_inputs > 0
+    bar = (progress(desc=f"bench fuzz: {target.name}", total=inputs, unit="input")
+           if seconds is None else progress_seconds(seconds, desc=f"bench fuzz: {target.name}"))
     if tracing:
         tracemalloc.start()
     try:
         while inputs is None or stats.inputs < inputs:
-            if deadline_ns is not None and stats.inputs % 16 == 0 \
-                    and time.perf_counter_ns() >= deadline_ns:
-                break
+            if stats.inputs % 16 == 0:
+                now_ns = time.perf_counter_ns()
+                bar.at(stats.inputs if seconds is None else (now_ns - start_ns) / 1e9)
+                if deadline_ns is not None and now_ns >= deadline_ns:
+                    break
             if tracing and stats.inputs >= memory_inputs:
                 tracemalloc.stop()
                 tracing = False
@@ -862,6 +867,9 @@ def fuzz_target(target: Target, *, inputs: int | None = None, seconds: float | N
                     corpus[rng.randrange(len(target.seeds), _CORPUS_LIMIT)] = value
             stats.outcomes[key] += 1
     finally:
+        if seconds is None:
+            bar.at(stats.inputs)
+        bar.close()
         if tracing:
             tracemalloc.stop()
         watchdog.close()

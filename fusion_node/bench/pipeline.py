@@ -20,6 +20,7 @@ import numpy as np
 from fusion_node.clock import MonotonicClock
 from fusion_node.config import NodeConfig, load_config
 from fusion_node.node import Node
+from fusion_node.progress import progress_seconds_async
 
 _SUBSCRIBER_GRACE_S = 1.0
 
@@ -72,7 +73,8 @@ async def _run(config: NodeConfig, duration_s: float) -> tuple[Node, dict[str, A
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "fusion_node.bench.pipeline", node.pub_endpoint,
         str(duration_s), stdout=subprocess.PIPE)
-    await asyncio.sleep(duration_s + _SUBSCRIBER_GRACE_S)
+    async with progress_seconds_async(duration_s, desc="bench pipeline"):
+        await asyncio.sleep(duration_s + _SUBSCRIBER_GRACE_S)
     stop.set()
     await run
     stdout, _ = await process.communicate()

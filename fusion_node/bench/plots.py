@@ -1,4 +1,5 @@
-"""PNG plots of the benches (`fusion-node bench ... --plot DIR`) and of the speech eval.
+"""PNG plots of the benches (`fusion-node bench ... --plot DIR`) and of the evals
+(`fusion-node eval speech|action --plot DIR`).
 
 Each function draws from a bench's raw samples (what the bench measured, message by
 message) and writes PNGs of a fixed pixel size: no tight bounding box, so a figure is always
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -179,6 +181,13 @@ def plot_engines(result: dict[str, Any], samples: dict[str, Any], out_dir: Path
     return [_save(fig, out_dir / "engine_latency.png")]
 
 
+def _error_bars(rates: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """matplotlib's [below, above] error bars of `rates` from their [low, high] `bounds`.
+    Rates and bounds are rounded separately, so a bound can sit a hair past its rate: a
+    negative error bar, which matplotlib refuses."""
+    return np.stack([np.maximum(rates - bounds[:, 0], 0), np.maximum(bounds[:, 1] - rates, 0)])
+
+
 def _check_eval(result: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     if not isinstance(result, dict):
         raise ConfigError(f"accuracy-vs-SNR: expected a dict, got {type(result).__name__}")
@@ -223,11 +232,8 @@ def plot_accuracy_vs_snr(result: dict[str, Any], path: str | Path,
         interval = result.get(f"{key}_ci95")
         if interval is not None:
             bounds = np.asarray(interval, np.float64)[order]
-            # Rates and bounds are rounded separately, so a bound can sit a hair past its
-            # rate: a negative error bar, which matplotlib refuses.
-            below = np.maximum(curves[key][order] - bounds[:, 0], 0)
-            above = np.maximum(bounds[:, 1] - curves[key][order], 0)
-            line = ax.errorbar(snr[order], curves[key][order], yerr=[below, above],
+            line = ax.errorbar(snr[order], curves[key][order],
+                               yerr=_error_bars(curves[key][order], bounds),
                                marker=marker, capsize=3, label=label)[0]
         else:
             (line,) = ax.plot(snr[order], curves[key][order], marker=marker, label=label)
@@ -244,11 +250,109 @@ def plot_accuracy_vs_snr(result: dict[str, Any], path: str | Path,
     return _save(fig, Path(path))
 
 
+def _rate(report: dict[str, Any], *keys: str) -> tuple[float, tuple[float, float] | None]:
+    """The rate at `keys` in an eval report, with its 95% interval where it has one;
+    ConfigError naming the keys if it is not a fraction."""
+    value: Any = report
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            raise ConfigError(f"action eval plot: the report has no {'/'.join(keys)}")
+        value = value[key]
+    rate = value.get("rate") if isinstance(value, dict) else None
+    if (not isinstance(rate, (int, float)) or isinstance(rate, bool)
+            or not 0.0 <= rate <= 1.0):
+        raise ConfigError(f"action eval plot: {'/'.join(keys)} has rate {rate!r}, not a "
+                          "fraction in [0, 1]")
+    interval = value.get("ci95")
+    if interval is None:
+        return float(rate), None
+    if (not isinstance(interval, (list, tuple)) or len(interval) != 2
+            or not all(isinstance(v, (int, float)) for v in interval)):
+        raise ConfigError(f"action eval plot: {'/'.join(keys)} has ci95 {interval!r}, not "
+                          "a [low, high] pair")
+    return float(rate), (float(interval[0]), float(interval[1]))
+
+
+def _rate_bars(ax: Any, x: np.ndarray, rows: list[tuple[float, tuple[float, float] | None]],
+               width: float, **style: Any) -> None:
+    """Bars of rates at `x`, each with its 95% interval where it has one, and its value."""
+    rates = np.array([rate for rate, _ in rows])
+    bounds = np.array([interval or (rate, rate) for rate, interval in rows])
+    ax.bar(x, rates, width, yerr=_error_bars(rates, bounds), capsize=3, **style)
+    for xi, rate in zip(x, rates):
+        ax.annotate(f"{rate:.0%}", (xi, rate), textcoords="offset points", xytext=(0, 2),
+                    ha="center", va="bottom", fontsize=7)
+
+
+def plot_action_eval(report: dict[str, Any], path: str | Path) -> Path:
+    """The action eval (`fusion-node eval action`) in one PNG of 1200 × 500 px, with the 95%
+    intervals as error bars. Left, the true command given at t = 0: colour commands reached
+    (all, and per colour), home reached, ended at another block, moved with no command;
+    the stop figures in the title. Right, commands from the speech engine, audio + video
+    beside audio only: success, command latched, wrong target, and false action on
+    distractor clips."""
+    true, spoken = report.get("true_command"), report.get("from_speech")
+    if not isinstance(true, dict) or not isinstance(spoken, dict):
+        raise ConfigError("action eval plot: expected a report with `true_command` and "
+                          f"`from_speech`, got keys {sorted(report)}")
+    colours = list(true.get("colour", {}).get("per_colour", {}))
+    left = [("colour\n(all)", _rate(true, "colour"), "tab:blue"),
+            *((c, _rate(true, "colour", "per_colour", c), "tab:blue") for c in colours),
+            ("home", _rate(true, "home"), "tab:blue"),
+            ("ended at\nanother block", _rate(true, "colour", "ended_at_another_block"),
+             "tab:red"),
+            ("moved, no\ncommand", _rate(true, "no_command", "moved"), "tab:red")]
+    figures = (("success", "success"), ("command_latched", "command\nlatched"),
+               ("wrong_target", "wrong\ntarget"),
+               ("false_action_on_distractor", "false action\n(distractor)"))
+    modalities = [(key, label, f"C{i}") for i, (key, label) in enumerate(EVAL_CURVES)
+                  if key in spoken.get("success", {})]
+    right = {key: [_rate(spoken, figure, key) for figure, _ in figures]
+             for key, _, _ in modalities}
+
+    plt = _pyplot()
+    fig, (ax_true, ax_speech) = plt.subplots(1, 2, figsize=(12, 5),
+                                             gridspec_kw={"width_ratios": [3, 2]})
+    x = np.arange(len(left))
+    for i, (_, row, colour) in enumerate(left):
+        _rate_bars(ax_true, x[i:i + 1], [row], 0.7, color=colour)
+    ax_true.set_xticks(x, [label for label, _, _ in left], fontsize=8)
+    stop = true.get("stop", {})
+    travel, drift = stop.get("mean_travel_after_stop_m"), stop.get("mean_hold_drift_m")
+    stop_note = (f"after stop: {travel * 100:.1f} cm travel, then {drift * 100:.2f} cm drift"
+                 if isinstance(travel, (int, float)) and isinstance(drift, (int, float)) else "")
+    ax_true.set_title(f"true command at t = 0, {true.get('episodes')} episodes\n"
+                      f"{stop_note}", fontsize=9)
+    width = 0.8 / max(1, len(modalities))
+    x = np.arange(len(figures))
+    for i, (key, label, colour) in enumerate(modalities):
+        _rate_bars(ax_speech, x + (i - (len(modalities) - 1) / 2) * width, right[key], width,
+                   color=colour, label=label)
+    ax_speech.set_xticks(x, [label for _, label in figures], fontsize=8)
+    ax_speech.set_title(f"commands from speech, {spoken.get('episodes')} episodes:\n"
+                        f"{spoken.get('condition')}", fontsize=9)
+    ax_speech.legend(fontsize=8, loc="upper right")
+    for ax in (ax_true, ax_speech):
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel("fraction of episodes (95% intervals)")
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(f"fusion-node action eval, closed loop on the arm simulator: "
+                 f"{Path(str(true.get('model'))).name}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
 def check_plot_request(bench: str, out_dir: str) -> Path:
     """The plot directory, created; ConfigError before the bench runs if it cannot plot."""
     if bench not in PLOTTED_BENCHES:
         raise ConfigError(f"bench {bench!r} has no plots; --plot works with "
                           f"{', '.join(PLOTTED_BENCHES)}")
+    return plot_directory(out_dir)
+
+
+def plot_directory(out_dir: str) -> Path:
+    """`out_dir`, created; ConfigError if matplotlib is missing or the directory cannot be
+    made: checked before a bench or an eval runs, not after."""
     _pyplot()
     directory = Path(out_dir)
     try:
@@ -256,6 +360,8 @@ def check_plot_request(bench: str, out_dir: str) -> Path:
     except OSError as exc:
         raise ConfigError(f"--plot {out_dir!r}: cannot create the directory ({exc.strerror})"
                           ) from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"--plot {out_dir!r}: the directory is not writable")
     return directory
 
 

@@ -29,6 +29,7 @@ def run_record_bench(duration_s: float = 20.0) -> dict[str, Any]:
     from fusion_node.config import load_config
     from fusion_node.logs.recorder import Recorder
     from fusion_node.logs.replay import publish_log, replay_through_node
+    from fusion_node.progress import progress_seconds
     from fusion_node.protocol import AudioChunk, Frame, JointState
     from fusion_node.transport import Publisher
 
@@ -57,34 +58,36 @@ def run_record_bench(duration_s: float = 20.0) -> dict[str, Any]:
             return capture_ns(kind, index[kind] + (kind == "audio"))
 
         offer_cpu_ns = raw_bytes = 0
-        while True:
-            active = [k for k in rates_hz if capture_ns(k, index[k]) < end_ns]
-            if not active:
-                break
-            kind = min(active, key=ready_ns)
-            seq = index[kind]
-            t_ns = capture_ns(kind, seq)
-            clock.sleep_until(ready_ns(kind))
-            index[kind] += 1
-            msg: Frame | AudioChunk | JointState
-            if kind == "frame":
-                msg = Frame("camera.front", seq, t_ns, frames[seq % _FRAME_POOL], "rgb8")
-                raw_bytes += msg.image.nbytes
-            elif kind == "audio":
-                times = t_ns + np.arange(160, dtype=np.int64) * 62_500
-                samples = 16000 * voice(times) + rng.normal(0, 30, 160)
-                msg = AudioChunk("audio.mic0", seq, t_ns, 16_000, seq * 160,
-                                 samples.astype(np.int16)[:, None])
-                raw_bytes += msg.samples.nbytes
-            else:
-                position, velocity, effort = joint_motion(t_ns)
-                msg = JointState("joints.arm", seq, t_ns, JOINT_NAMES, position, velocity,
-                                 effort)
-                raw_bytes += 3 * position.nbytes
-            msg.t_receive_ns = clock.now_ns()
-            cpu_ns = thread_cpu_ns()
-            recorder.offer(msg)
-            offer_cpu_ns += thread_cpu_ns() - cpu_ns
+        with progress_seconds(duration_s, desc="bench record") as bar:
+            while True:
+                active = [k for k in rates_hz if capture_ns(k, index[k]) < end_ns]
+                if not active:
+                    break
+                kind = min(active, key=ready_ns)
+                seq = index[kind]
+                t_ns = capture_ns(kind, seq)
+                clock.sleep_until(ready_ns(kind))
+                index[kind] += 1
+                msg: Frame | AudioChunk | JointState
+                if kind == "frame":
+                    msg = Frame("camera.front", seq, t_ns, frames[seq % _FRAME_POOL], "rgb8")
+                    raw_bytes += msg.image.nbytes
+                elif kind == "audio":
+                    times = t_ns + np.arange(160, dtype=np.int64) * 62_500
+                    samples = 16000 * voice(times) + rng.normal(0, 30, 160)
+                    msg = AudioChunk("audio.mic0", seq, t_ns, 16_000, seq * 160,
+                                     samples.astype(np.int16)[:, None])
+                    raw_bytes += msg.samples.nbytes
+                else:
+                    position, velocity, effort = joint_motion(t_ns)
+                    msg = JointState("joints.arm", seq, t_ns, JOINT_NAMES, position, velocity,
+                                     effort)
+                    raw_bytes += 3 * position.nbytes
+                msg.t_receive_ns = clock.now_ns()
+                cpu_ns = thread_cpu_ns()
+                recorder.offer(msg)
+                offer_cpu_ns += thread_cpu_ns() - cpu_ns
+                bar.at((t_ns - start_ns) / 1e9)
         recorder.close()
         stats = recorder.stats()
         file_bytes = os.path.getsize(path)

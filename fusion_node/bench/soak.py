@@ -53,6 +53,7 @@ from fusion_node.config import RecordConfig, StreamConfig, load_config
 from fusion_node.errors import EngineError
 from fusion_node.host.gc_pauses import GcPauses
 from fusion_node.node import Node
+from fusion_node.progress import progress_seconds_async
 
 _NS_PER_S = 1_000_000_000
 _WARM_UP_S = 8.0
@@ -229,7 +230,8 @@ class _Soak:
         action = inject_faulty_engine(node, "action")
         sampler = asyncio.create_task(self._sample_rss())
         try:
-            await self._inject(node, start_ns, speech, action)
+            async with progress_seconds_async(self.duration_s, desc="bench soak"):
+                await self._inject(node, start_ns, speech, action)
         finally:
             sampler.cancel()
             stop.set()

@@ -43,6 +43,7 @@ import zmq
 
 from fusion_node.clock import MonotonicClock
 from fusion_node.errors import FusionError
+from fusion_node.progress import progress
 from fusion_node.protocol import AudioChunk, Frame, JointState, Message, decode, encode
 from fusion_node.shm import ShmConfig, ShmReader, ShmWriter
 
@@ -392,7 +393,8 @@ def run_frame_bench(count: int = 500, warmup: int = 50,
     spawn = mp.get_context("spawn")
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fusion-bench-") as tmp:
-        for n in subscribers:
+        for n in progress(subscribers, desc="bench transport: frames, subscriber counts",
+                          unit="run"):
             endpoint, ack_endpoint = f"ipc://{tmp}/frames{n}.sock", f"ipc://{tmp}/acks{n}.sock"
             ready, results, sender_result = spawn.Event(), spawn.Queue(), spawn.Queue()
             receivers = [spawn.Process(target=_frame_receiver_blocking, name=f"bench-rx{i}",
@@ -473,8 +475,13 @@ def run_transport_bench(count: int = 2000, warmup: int = 100, endpoint: str | No
     if count < 1 or warmup < 0:
         raise ValueError(f"count must be >= 1 and warmup >= 0, got {count} and {warmup}")
     intervals = {**DEFAULT_INTERVALS_US, **(intervals_us or {})}
+    expected_s = 2 * (count + warmup) * sum(intervals.values()) / 1e6
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="fusion-bench-") as tmp:
+    # A bar of one step, not a live one: a redraw while the receiver thread measures (in this
+    # process) would be part of the latencies it measures.
+    with (progress(desc=f"bench transport: messages, about {expected_s:.0f} s", total=1,
+                   unit="run") as bar,
+          tempfile.TemporaryDirectory(prefix="fusion-bench-") as tmp):
         endpoint = endpoint or f"ipc://{Path(tmp) / 'bench.sock'}"
         spawn = mp.get_context("spawn")  # a fresh interpreter, as a real driver process is
         ready = spawn.Event()
@@ -485,7 +492,6 @@ def run_transport_bench(count: int = 2000, warmup: int = 100, endpoint: str | No
         try:
             receiver.start()
             sender.start()
-            expected_s = 2 * (count + warmup) * sum(intervals.values()) / 1e6
             sender.join(_START_TIMEOUT_S + 2 * expected_s)
             receiver.join(_RECV_TIMEOUT_MS / 1000 + 1)
         finally:
@@ -493,6 +499,7 @@ def run_transport_bench(count: int = 2000, warmup: int = 100, endpoint: str | No
                 sender.terminate()
                 sender.join(5)
             context.term()
+        bar.update()
     if sender.exitcode != 0 or not receiver.finished:
         raise FusionError(f"transport bench failed: sender exit code {sender.exitcode}, "
                           f"receiver {receiver.error or 'did not finish'}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,21 @@ def add_eval_parser(commands: Any) -> None:
     action.add_argument("--speech-model", type=Path,
                         help="speech .onnx (default: the shipped one)")
     action.add_argument("--episodes", type=int, default=200)
-    for parser in (speech, action):
+    plots = {speech: "eval_speech.json and eval_speech_snr_{pink,babble,motor}.png (command "
+                     "accuracy vs SNR per noise)",
+             action: "eval_action.json and eval_action.png (closed-loop success rates)"}
+    for parser, written in plots.items():
         parser.add_argument("--json", action="store_true", help="one-line JSON")
         parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--plot", metavar="DIR", help="also write PNG plots and the "
-                            "JSON into DIR")
+        parser.add_argument("--plot", metavar="DIR", help=f"also write {written} into DIR, "
+                            "with 95%% intervals (needs matplotlib)")
 
 
 def run_eval_command(args: argparse.Namespace) -> dict[str, Any]:
+    if args.plot:
+        from fusion_node.bench.plots import plot_directory
+
+        plot_directory(args.plot)  # a missing matplotlib or a bad DIR, before the long run
     if args.what == "speech":
         from training import eval_speech
 
@@ -68,18 +76,25 @@ def run_eval_command(args: argparse.Namespace) -> dict[str, Any]:
                                                 args.seed),
         }
     if args.plot:
-        out = Path(args.plot)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"eval_{args.what}.json").write_text(json.dumps(report, indent=2))
-        if args.what == "speech":
-            from fusion_node.bench.plots import plot_accuracy_vs_snr
-            from training.eval_speech import EVAL_NOISES
-
-            for noise in EVAL_NOISES:
-                plot_accuracy_vs_snr(
-                    accuracy_curves(report, noise), out / f"eval_speech_snr_{noise}.png",
-                    f"command accuracy vs SNR, {noise} noise (test split, 95% intervals)")
+        for path in write_plots(args.what, report, Path(args.plot)):
+            print(f"wrote {path}", file=sys.stderr)
     return report
+
+
+def write_plots(what: str, report: dict[str, Any], out: Path) -> list[Path]:
+    """The report's JSON and PNGs in `out`, as `--plot`'s help lists them."""
+    from fusion_node.bench.plots import plot_accuracy_vs_snr, plot_action_eval
+
+    json_path = out / f"eval_{what}.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if what == "action":
+        return [json_path, plot_action_eval(report, out / "eval_action.png")]
+    from training.eval_speech import EVAL_NOISES
+
+    return [json_path, *(plot_accuracy_vs_snr(
+        accuracy_curves(report, noise), out / f"eval_speech_snr_{noise}.png",
+        f"command accuracy vs SNR, {noise} noise (test split, 95% intervals)")
+        for noise in EVAL_NOISES)]
 
 
 def accuracy_curves(report: dict[str, Any], noise: str) -> dict[str, Any]:

@@ -71,16 +71,27 @@ def pitch(samples: np.ndarray, semitones: float) -> np.ndarray:
     return shift(samples.astype(np.float32), sample_rate=SAMPLE_RATE)
 
 
-def perturb_talker(samples: np.ndarray, rng: np.random.Generator
+# Training only (`wide`): the real-speaker voices a training split has are a few men
+# (flite's awb and rms, festival's ked); test speakers include a woman (slt) and a neural
+# voice. Pitch up to +8 semitones with a shorter vocal tract (VTLP up to 1.2) turns a man's
+# voice into a plausible woman's, so the model hears many speakers, not three.
+TALKER_RANGES = {"narrow": {"speed": (0.88, 1.12), "vtlp": (0.9, 1.1), "semitones": (-2.5, 2.5),
+                            "p": 0.5},
+                 "wide": {"speed": (0.85, 1.15), "vtlp": (0.82, 1.2), "semitones": (-4.0, 8.0),
+                          "p": 0.7}}
+
+
+def perturb_talker(samples: np.ndarray, rng: np.random.Generator, ranges: str = "narrow"
                    ) -> tuple[np.ndarray, float]:
     """A random speed, pitch and vocal-tract length; returns the audio and its speed factor
     (utterance times divide by it)."""
-    factor = float(rng.uniform(0.88, 1.12))
+    r = TALKER_RANGES[ranges]
+    factor = float(rng.uniform(*r["speed"]))
     out = speed(samples, factor)
-    if rng.random() < 0.5:
-        out = vocal_tract(out, float(rng.uniform(0.9, 1.1)))
-    if rng.random() < 0.5:
-        out = pitch(out, float(rng.uniform(-2.5, 2.5)))
+    if rng.random() < r["p"]:
+        out = vocal_tract(out, float(rng.uniform(*r["vtlp"])))
+    if rng.random() < r["p"]:
+        out = pitch(out, float(rng.uniform(*r["semitones"])))
     return out, factor
 
 

@@ -343,7 +343,8 @@ class Generator:
         command span in its own time, and a start sample that keeps it inside the clip."""
         samples, factor = spoken.samples, 1.0
         if self.realism:
-            samples, factor = augment.perturb_talker(samples, rng)
+            samples, factor = augment.perturb_talker(
+                samples, rng, "wide" if self.split == "train" else "narrow")
         phonemes = tuple(Phoneme(p.name, p.start_s / factor) for p in spoken.phonemes)
         span = (None if spoken.span_s is None
                 else (spoken.span_s[0] / factor, spoken.span_s[1] / factor))

@@ -112,11 +112,10 @@ def test_every_bank_voice_exists():
 
 
 def test_bank_round_trips_and_holds_every_family(tmp_path):
-    from training.speech_bank import SpeechBank
+    from training.speech_bank import SpeechBank, load_or_build
     from training.speech_corpus import BANK_DIR
 
-    bank = SpeechBank.load(BANK_DIR / "test-tiny.npz") if (
-        BANK_DIR / "test-tiny.npz").exists() else SpeechBank.build("test", "tiny")
+    bank = load_or_build(BANK_DIR, "test", "tiny")
     assert bank.families == ("espeak", "festival", "flite", "piper")
     assert {s.command for s in bank.commands} == set(range(1, len(COMMANDS)))
     assert bank.chatter and bank.real

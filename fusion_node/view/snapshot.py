@@ -238,8 +238,9 @@ def _draw(name: str, content: LogContent, frame: Frame, view: SpeechView | None,
         figure.suptitle(f"{name}: {content.duration_s:.1f} s, time cursor at "
                         f"{content.seconds(at_ns):.2f} s    model hashes: {hashes}",
                         x=0.025, y=0.975, ha="left", fontsize=12, fontweight="bold")
-        speech_topic = view.topic if view is not None else next(
-            iter(content.speech_topics()), None)
+        # The launch config's speech topic, if the drawn span holds any of its predictions.
+        speech_topic = (view.topic if view is not None and view.topic in content.predictions
+                        else next(iter(content.speech_topics()), None))
         _camera(figure.add_axes(CAMERA_RECT), content, frame, view, at_ns)
         _mouth(figure.add_axes(MOUTH_RECT), frame, view)
         _notes(figure.add_axes(NOTES_RECT), content, speech_topic, at_ns)

@@ -117,8 +117,15 @@ def test_snapshot_refuses_a_log_it_cannot_draw(log, message, tmp_path, capsys):
 
 def test_snapshot_of_seconds_without_predictions(tmp_path, capsys):
     out = tmp_path / "early.png"
-    # The first predictions come a quarter of a second in.
-    assert main(["view", SAMPLE, "--snapshot", str(out), "--duration", "0.1",
+    # A span that ends before the log's first prediction.
+    from fusion_node.logs.mcap_format import LogReader
+
+    with LogReader(SAMPLE) as reader:
+        times = [m.log_time_ns for m in reader.messages()]
+        first_prediction = min(m.log_time_ns for m in reader.messages(["pred.speech",
+                                                                        "pred.action"]))
+    before_s = (first_prediction - min(times)) / 1e9 / 2
+    assert main(["view", SAMPLE, "--snapshot", str(out), "--duration", f"{before_s:.4f}",
                  "--nice", "0"]) == 1
     lines = error_lines(capsys)
     assert len(lines) == 1 and "no predictions to draw" in lines[0]

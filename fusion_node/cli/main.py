@@ -19,7 +19,7 @@ from fusion_node import __version__
 from fusion_node.cli.files import add_force, check_output
 from fusion_node.errors import FusionError, RunError
 from fusion_node.host.allocator import reexecute_with_jemalloc
-from fusion_node.host.signals import catch_early_signals, stop_on_signals
+from fusion_node.host.signals import catch_early_signals, stop_on_signals, unblock_signals
 
 if TYPE_CHECKING:
     from fusion_node.node import Node
@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     if argv is None and _command_of(sys.argv[1:]) in _STOPPABLE:
         catch_early_signals()  # before the parser, the imports and the node's start-up
+    elif argv is None:
+        unblock_signals()  # Ctrl-C and SIGTERM stop a re-executed bench and its children
     args = build_parser().parse_args(argv)
     if argv is None and args.command in ("run", "launch", "bench"):  # a process of its own
         reexecute_with_jemalloc(sys.argv[1:])

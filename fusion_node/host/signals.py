@@ -31,6 +31,13 @@ def catch_early_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
+def unblock_signals() -> None:
+    """Deliver SIGINT/SIGTERM as usual again. A re-executed process (host/allocator.py)
+    starts with them blocked; a command without `catch_early_signals` would otherwise keep
+    them blocked for good, and so would every process it starts (the mask is inherited)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
 @contextlib.contextmanager
 def stop_on_signals(stop: asyncio.Event | threading.Event) -> Iterator[None]:
     """First SIGINT/SIGTERM sets `stop`; a second one exits at once."""

@@ -41,3 +41,19 @@ def test_an_unknown_allocator_is_refused_by_name():
     result = _run(**{ALLOCATOR_ENV: "tcmalloc"})
     assert result.returncode != 0
     assert "FUSION_NODE_ALLOCATOR='tcmalloc'" in result.stderr
+
+
+
+@pytest.mark.skipif(jemalloc_path() is None,
+                    reason="libjemalloc2 is not installed (scripts/setup.sh installs it)")
+def test_a_reexecuted_bench_can_stop_the_processes_it_starts():
+    """The re-exec holds SIGINT/SIGTERM blocked across exec. A bench (not a node command)
+    once kept them blocked, and so did every process it started: `bench clock` could not
+    stop its clock server with SIGTERM, failed, and left the server running."""
+    from pathlib import Path
+
+    command = Path(sys.executable).parent / "fusion-node"
+    result = subprocess.run([str(command), "bench", "clock", "--duration", "2", "--json"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "TimeoutExpired" not in result.stderr

@@ -12,11 +12,14 @@ exports any keyword-in, dict-out torch module at those fixed input shapes (float
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,21 @@ TOLERANCE = 1e-4
 _RESERVED = ("name", "version", "inputs", "outputs", "weights_sha256", "torch_module",
              "torch_init")
 
+
+def refuse_to_overwrite(parser: argparse.ArgumentParser, out: Path, force: bool) -> None:
+    """Before any training: an existing model file is replaced only with --force."""
+    if out.exists() and not force:
+        parser.error(f"{out} exists; pass --force to replace it")
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(prog: str, out: Path) -> Iterator[None]:
+    """Ctrl-C during training: one line saying nothing was written, exit status 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {out} not written", file=sys.stderr)
+        raise SystemExit(130) from None
 
 def export_onnx(
     model: nn.Module,

@@ -33,7 +33,12 @@ from engines.vocabulary import COMMANDS
 from fusion_node.errors import ConfigError
 from fusion_node.progress import progress, write
 from training.eval_action import command_feed
-from training.export import _action_preprocessing, export_onnx
+from training.export import (
+    _action_preprocessing,
+    export_onnx,
+    refuse_to_overwrite,
+    stop_on_interrupt,
+)
 from training.models import ACTION_HORIZON, ActionModel
 
 __all__ = ["BatchSource", "TrainConfig", "main", "train"]
@@ -314,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.train_action",
                                      description=main.__doc__)
     parser.add_argument("--out", type=Path, required=True, help="output .onnx file")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true",
@@ -321,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path,
                         help="also save the weights here at every validation")
     args = parser.parse_args(argv)
+    refuse_to_overwrite(parser, args.out, args.force)
     torch.set_num_threads(1)  # the other core trains the speech model
     if args.tiny:
         config = TrainConfig(steps=300, batch=16, seed=args.seed, pool=64, warmup=30,
@@ -331,8 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     command_line = (f"python -m training.train_action --out {args.out}"
                     + (" --tiny" if args.tiny else f" --steps {config.steps}")
                     + f" --seed {config.seed}")
-    model, figures = train(config, checkpoint=args.checkpoint)
-    model_hash = export(model, args.out, config, figures, command_line)
+    with stop_on_interrupt(parser.prog, args.out):
+        model, figures = train(config, checkpoint=args.checkpoint)
+        model_hash = export(model, args.out, config, figures, command_line)
     print(f"{args.out}: hash {model_hash}, validation L1 {figures['validation_l1']:.4f} rad")
 
 

@@ -19,6 +19,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,12 @@ import torch.nn.functional as F
 from engines.vocabulary import COMMANDS
 from fusion_node.progress import progress, write
 from training import models
-from training.export import _speech_preprocessing, export_onnx
+from training.export import (
+    _speech_preprocessing,
+    export_onnx,
+    refuse_to_overwrite,
+    stop_on_interrupt,
+)
 from training.speech_bank import SpeechBank, bank_path, load_or_build
 from training.speech_corpus import BANK_DIR, IGNORE, WINDOW_FRAMES, Generator, Window
 
@@ -70,6 +76,9 @@ def _produce(seed: int, clips: int, bank: Path, ramp_batches: int, worker: int, 
              queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     """Worker: batches worker, worker + workers, ... forever; batch b holds clips
     b * clips ... (b + 1) * clips - 1, so the data does not depend on the worker count."""
+    # Ctrl-C reaches the whole process group: the parent stops its workers, they need not
+    # each print a KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     cv2.setNumThreads(1)  # one process per core: a thread pool each would oversubscribe
     generator = Generator("train", bank=SpeechBank.load(bank))
@@ -323,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.train_speech",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    parser.add_argument("--force", action="store_true",
+                        help="replace --out (and its .pt) if it exists")
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -344,8 +355,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.tiny:
         args.steps, args.validation_windows, args.eval_every = 40, 64, 20
         bank_size = "tiny"
-    train(args.out, args.steps, args.seed, args.lr, args.validation_windows, args.eval_every,
-          args.workers, args.bank_dir, bank_size, args.device, args.max_minutes, args.init)
+    refuse_to_overwrite(parser, args.out, args.force)
+    with stop_on_interrupt(parser.prog, args.out):
+        train(args.out, args.steps, args.seed, args.lr, args.validation_windows,
+              args.eval_every, args.workers, args.bank_dir, bank_size, args.device,
+              args.max_minutes, args.init)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ class Outcome:
 
 def _run(command: str, cwd: Path, interrupt_after_s: float | None) -> tuple[int, str, float]:
     started = time.monotonic()
-    process = subprocess.Popen(command, shell=True, cwd=cwd, stdin=subprocess.DEVNULL,
+    # exec: the exit status and the Ctrl-C are the command's own, not a shell's around it.
+    process = subprocess.Popen(f"exec {command}", shell=True, cwd=cwd, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:

@@ -529,5 +529,10 @@ def _figures(soak: _Soak, node: Node, subscribers: list[dict[str, Any]], start_n
 
 
 if __name__ == "__main__":
-    print(json.dumps(subscribe(sys.argv[1], float(sys.argv[2]) + _SUBSCRIBER_GRACE_S,
-                               sys.argv[3])))
+    # A subscriber of the soak. Ctrl-C reaches the whole group: stop quietly, as the bench
+    # does, instead of each subscriber printing a KeyboardInterrupt.
+    try:
+        print(json.dumps(subscribe(sys.argv[1], float(sys.argv[2]) + _SUBSCRIBER_GRACE_S,
+                                   sys.argv[3])))
+    except KeyboardInterrupt:
+        sys.exit(130)

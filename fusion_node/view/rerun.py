@@ -27,6 +27,8 @@ Imports rerun (the `view` extra) at module level: import this module only to vie
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -42,7 +44,7 @@ import rerun.blueprint as rrb
 from engines.vocabulary import COMMANDS
 from fusion_node.clock import MonotonicClock
 from fusion_node.config import NodeConfig
-from fusion_node.errors import ConfigError
+from fusion_node.errors import ConfigError, FusionError
 from fusion_node.protocol import AudioChunk, Frame, Health, JointState, Message, Prediction
 from fusion_node.view.common import (
     LATENCY_NAMES,
@@ -316,7 +318,24 @@ def open_recording(save: str | None, connect: str | None, recording_id: str | No
     elif connect is not None:
         recording.connect_grpc(connect, default_blueprint=layout)
     else:
-        recording.spawn(default_blueprint=layout)
+        if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY")
+                                                     or os.environ.get("WAYLAND_DISPLAY")):
+            # A viewer spawned without one fails in the background and the log waits on it.
+            raise FusionError("no display for a Rerun viewer (DISPLAY and WAYLAND_DISPLAY are "
+                              "unset); use --save FILE.rrd or --snapshot FILE.png, or "
+                              "--connect to a viewer running elsewhere")
+        # The viewer binary comes with rerun-sdk beside this interpreter: found there even
+        # when the virtual environment is not activated.
+        bin_dir = os.path.dirname(sys.executable)
+        path = os.environ.get("PATH", "")
+        if bin_dir not in path.split(os.pathsep):
+            os.environ["PATH"] = os.pathsep.join(p for p in (bin_dir, path) if p)
+        try:
+            recording.spawn(default_blueprint=layout)
+        except RuntimeError as exc:
+            raise FusionError(f"cannot start a Rerun viewer ({str(exc).splitlines()[0]}); "
+                            "use --save FILE.rrd or --snapshot FILE.png, or --connect to a "
+                            "viewer running elsewhere") from None
     return recording
 
 

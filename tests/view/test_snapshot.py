@@ -143,3 +143,12 @@ def test_snapshot_options(argv, message, capsys, tmp_path, monkeypatch):
     assert main([*argv, "--nice", "0"]) == 1
     lines = error_lines(capsys)
     assert len(lines) == 1 and message in lines[0]
+
+
+def test_viewing_without_a_display_says_what_to_do_instead(capsys, monkeypatch):
+    # A viewer spawned without a display failed in the background and the command hung.
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert main(["view", SAMPLE, "--nice", "0"]) == 1
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "no display" in lines[0] and "--snapshot" in lines[0]

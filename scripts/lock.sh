@@ -17,9 +17,12 @@ upgrade=()
 source scripts/uv.sh
 compile=("$UV" pip compile --quiet --generate-hashes --python-version 3.11 "${upgrade[@]}")
 "${compile[@]}" --universal requirements/tools.in -o requirements/tools.txt
-"${compile[@]}" --universal pyproject.toml requirements/build.in -o requirements/runtime.txt
 "${compile[@]}" --python-platform x86_64-manylinux_2_28 --find-links "$WHEELS" \
     pyproject.toml requirements/build.in --extra test -o requirements/test.txt
+# The runtime set is resolved within the tested versions, so what a user installs is what CI
+# ran (an extra may cap a shared package: lerobot-dataset keeps OpenCV below 4.13).
+"${compile[@]}" --universal --constraint requirements/test.txt \
+    pyproject.toml requirements/build.in -o requirements/runtime.txt
 grep -q '^torch==.*+cpu' requirements/test.txt \
     || { echo "lock: torch resolved to a CUDA build; is the CPU wheel in $WHEELS?" >&2; exit 1; }
 

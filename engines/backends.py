@@ -1,8 +1,9 @@
 """Choose and build an engine backend by name: "tensorrt", "onnxruntime", "torch" or "auto".
 
-"auto" takes TensorRT where it is usable (it imports, a CUDA GPU is present, and it can build
-the requested precision) and ONNX Runtime otherwise. Each backend module is imported only
-when chosen, so the node needs neither torch nor TensorRT unless they are asked for.
+"auto" takes TensorRT where it is usable (a GPU, a driver the cuda-python bindings fit, and
+TensorRT >= 10 that can build the requested precision) and ONNX Runtime otherwise, logging
+why once; the node shows the same reason per engine in `node.health`. Each backend module is
+imported only when chosen, so the node needs neither torch nor TensorRT unless asked for.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from engines.base import Engine
 from engines.cache import EngineCache
+from engines.tensorrt_compat import tensorrt_unavailable
 from fusion_node.errors import LOAD_FAILURES, ConfigError, EngineError
 
 log = logging.getLogger(__name__)
@@ -23,13 +25,8 @@ _FALLBACKS_LOGGED: set[str] = set()
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def tensorrt_unavailable(precision: str = "fp32") -> str | None:
-    """Why TensorRT cannot build a `precision` engine here, or None if it can."""
-    try:
-        from engines import tensorrt_backend
-    except LOAD_FAILURES as exc:  # OSError: bindings present, libraries missing
-        return f"tensorrt does not import ({type(exc).__name__}: {exc})"
-    return tensorrt_backend.unavailable(precision)
+__all__ = ["BACKENDS", "create_engine", "resolve_backend", "tensorrt_unavailable",
+           "tensorrt_unused"]
 
 
 def resolve_backend(backend: str, precision: str = "fp32") -> str:
@@ -45,6 +42,14 @@ def resolve_backend(backend: str, precision: str = "fp32") -> str:
         _FALLBACKS_LOGGED.add(reason)
         log.info("backend auto: ONNX Runtime, since TensorRT is unusable: %s", reason)
     return "onnxruntime"
+
+
+def tensorrt_unused(asked: str, chosen: str, precision: str) -> str | None:
+    """Why an engine asked to run on `asked` did not get TensorRT (for `node.health`), or None
+    where it did or was never meant to."""
+    if asked != "auto" or chosen == "tensorrt":
+        return None
+    return tensorrt_unavailable(precision)
 
 
 def create_engine(
@@ -71,6 +76,10 @@ def create_engine(
                           f"{PRECISIONS}")
     chosen = resolve_backend(backend, precision)
     if chosen == "tensorrt":
+        reason = tensorrt_unavailable(precision)
+        if reason is not None:
+            raise EngineError(f"engine {name or path}: backend 'tensorrt' asked for, but "
+                              f"TensorRT unusable: {reason}")
         try:
             from engines.tensorrt_backend import TensorRTEngine
         except LOAD_FAILURES as exc:

@@ -44,6 +44,11 @@ class Engine(Protocol):
         when the engine was built) so the first live call is not slow."""
         ...
 
+    def close(self) -> None:
+        """Free what the engine holds outside Python's reach (GPU buffers, streams); the
+        engine is unusable afterwards. Safe to call twice."""
+        ...
+
 
 def fixed_shape(
     where: str, name: str, declared: Iterable[object], override: tuple[int, ...] | None

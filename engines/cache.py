@@ -1,8 +1,9 @@
 """The engine cache: serialised TensorRT plans keyed by everything that makes a plan valid.
 
 A plan is only valid for the exact ONNX bytes, TensorRT version, GPU model, compute capability,
-precision, fixed input shapes and calibration set it was built with; a plan built elsewhere
-fails to deserialise ("Version tag does not match") or, worse, runs slowly. The key names all
+precision, fixed input shapes, calibration set, builder settings and CUDA versions it was
+built with; a plan built elsewhere fails to deserialise ("Version tag does not match") or,
+worse, runs slowly. The key names all
 of them, so a change of any part simply misses the cache and builds a new plan.
 
 Each entry is one file, `<digest>.plan`: a magic line, a JSON header line (the key, the plan's
@@ -42,7 +43,10 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class CacheKey:
     """Everything a serialised plan depends on. `input_shapes` are the fixed shapes of the
-    optimisation profile; `calibration_sha256` is empty unless the plan is int8-calibrated."""
+    optimisation profile; `calibration_sha256` is empty unless the plan is int8-calibrated;
+    `builder_settings` names how the builder was configured (a digest of the backend's
+    settings, so changing them rebuilds); `cuda_versions` the cuda-python and driver versions
+    (a driver update may change kernels and tactics)."""
 
     onnx_sha256: str
     tensorrt_version: str
@@ -51,6 +55,8 @@ class CacheKey:
     precision: str
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     calibration_sha256: str = ""
+    builder_settings: str = ""
+    cuda_versions: str = ""
 
     def digest(self) -> str:
         """32 hex digits of SHA-256 over the key's canonical JSON: the entry's file name."""

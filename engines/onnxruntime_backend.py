@@ -92,6 +92,8 @@ class OnnxRuntimeEngine:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model once; every input must be given with its exact shape and dtype."""
         check_feeds(self.name, self.inputs, feeds)
+        if self._session is None:
+            raise EngineError(f"engine {self.name!r}: closed")
         try:
             results = self._session.run(self._output_names, feeds)
         except Exception as exc:  # ORT's own exception types all derive from Exception
@@ -102,6 +104,10 @@ class OnnxRuntimeEngine:
         """Run `iterations` inferences on the example feeds (all zeros unless given)."""
         for _ in range(iterations):
             self.infer(self._example)
+
+    def close(self) -> None:
+        """Drop the session, and with it its memory arena; `infer` refuses afterwards."""
+        self._session = None
 
     def _output_specs(self, path: Path) -> tuple[TensorSpec, ...]:
         args = self._session.get_outputs()

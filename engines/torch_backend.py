@@ -174,3 +174,6 @@ class TorchEngine:
         """Run `iterations` inferences on the example feeds."""
         for _ in range(iterations):
             self.infer(self._example)
+
+    def close(self) -> None:
+        """Nothing to free by hand: torch frees tensors and CUDA graphs with the object."""

@@ -106,6 +106,22 @@ def make_binding(engine: EngineConfig, config: NodeConfig) -> Binding:
                           f"{exc.args[0]!r}") from None
 
 
+def _backend_notes(config: NodeConfig, runners: list[EngineRunner]) -> dict[str, dict[str, Any]]:
+    """Per engine: the backend it runs on and, where "auto" did not get TensorRT, why."""
+    from engines.backends import tensorrt_unused
+
+    asked = {e.name: e for e in config.engines}
+    notes: dict[str, dict[str, Any]] = {}
+    for runner in runners:
+        backend = getattr(runner.engine, "backend", "")
+        notes[runner.name] = {"backend": backend}
+        reason = tensorrt_unused(asked[runner.name].backend, backend,
+                                 asked[runner.name].precision)
+        if reason is not None:
+            notes[runner.name]["tensorrt_unused"] = reason
+    return notes
+
+
 def build_engine_runners(config: NodeConfig, clock: Clock, buffer: AlignmentBuffer,
                          sink: PredictionSink) -> list[EngineRunner]:
     """Load, warm up and bind every configured engine, each on its configured backend
@@ -191,6 +207,7 @@ class Node:
         self._threads: list[threading.Thread] = []
         self.thread_priorities: dict[str, str] = {}  # non-real-time threads: what they got
         self._engine_threads: list[threading.Thread] = []
+        self._backends: dict[str, dict[str, Any]] = {}
         self._started_ns = 0
         self._last_health: tuple[int, dict[str, int]] = (0, {})
         self._health_seq = 0
@@ -397,6 +414,7 @@ class Node:
             async with asyncio.TaskGroup() as tasks:
                 self.runners = build_engine_runners(self.config, self.clock, self.buffer,
                                                     publisher)
+                self._backends = _backend_notes(self.config, self.runners)
                 self._start_recorder()
                 endpoints = self._driver_processes(run_dir) + list(self.config.connect)
                 supervisors = [tasks.create_task(p.run(), name=p.name)
@@ -444,6 +462,7 @@ class Node:
                 await asyncio.gather(*supervisors)
         finally:
             self._stop_threads()
+            self._close_engines()
             self.gc_pauses.remove()
             for tracker in self.clock_trackers.values():
                 tracker.close()
@@ -476,6 +495,15 @@ class Node:
         self._receiving.clear()
         for thread in self._threads:
             thread.join(_THREAD_JOIN_TIMEOUT_S)
+
+    def _close_engines(self) -> None:
+        """Free each engine's GPU buffers and streams, except one whose thread is still
+        inside a (hung) inference: freeing memory under a running GPU call would crash."""
+        threads = dict(zip((r.name for r in self.runners), self._engine_threads, strict=False))
+        for runner in self.runners:
+            thread = threads.get(runner.name)
+            if thread is None or not thread.is_alive():
+                runner.engine.close()
 
     async def _stop_driver_processes(self) -> None:
         await asyncio.gather(*(p.stop(_DRIVER_STOP_TIMEOUT_S)
@@ -538,7 +566,8 @@ class Node:
             "rejected": dict(subscriber.rejected) if subscriber else {},
             "last_rejection": subscriber.last_error if subscriber else "",
             "unknown_streams": dict(self.buffer.unknown_streams),
-            "engines": {r.name: {**r.stats.summary(), "priority": r.priority,
+            "engines": {r.name: {**r.stats.summary(), **self._backends.get(r.name, {}),
+                                 "priority": r.priority,
                                  **r.hang_status(now),
                                  # What a binding reports of itself (the speech binding: how
                                  # often the face landmarker found the mouth).

@@ -49,6 +49,8 @@ class Engine(Protocol):
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def close(self) -> None: ...
+
 
 class Binding(Protocol):
     """Maps windows to model feeds and model outputs to prediction fields."""

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import zmq
 
+from engines.backends import tensorrt_unavailable
 from fusion_node.config import load_config, parse_config
+from fusion_node.errors import EngineError
 from fusion_node.host.supervisor import RestartPolicy
 from fusion_node.protocol import Health, JointState, Prediction, encode
 from fusion_node.transport import Publisher
@@ -27,7 +29,7 @@ from tests.conftest import (
 
 
 async def test_default_config_publishes_fixed_latency_predictions():
-    _, collector = await run_node(load_config(), 4.0)
+    node, collector = await run_node(load_config(), 4.0)
     speech = collector.on("pred.speech")
     action = collector.on("pred.action")
     assert len(speech) > 30 and len(action) > 25
@@ -56,6 +58,15 @@ async def test_default_config_publishes_fixed_latency_predictions():
     assert isinstance(speech[-1].fields["command"], str)
     assert action[-1].arrays["actions"].shape == (20, 3)
     assert action[-1].mask == {"camera.scene": True, "joints.arm": True, "pred.speech": True}
+    # Each engine says what it runs on and, where "auto" did not get TensorRT, why.
+    reason = tensorrt_unavailable("fp16")
+    for name in ("speech", "action"):
+        assert health_now[name]["backend"] == ("tensorrt" if reason is None else "onnxruntime")
+        assert health_now[name].get("tensorrt_unused") == reason
+    # A stopped node has freed its engines (GPU memory, on TensorRT).
+    for runner in node.runners:
+        with pytest.raises(EngineError, match="closed"):
+            runner.engine.infer(runner.engine._example)
     steps = action[-1].arrays["step_times_ns"]
     assert steps[0] == action[-1].t_ref_ns + 20_000_000
     health = [m for m in collector.on("node.health") if isinstance(m, Health)]

@@ -7,6 +7,7 @@ Runtime, TensorRT) is imported inside the bench.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,8 @@ BENCH_WARM_UP = 20
 BENCH_ITERATIONS = 200
 # Fresh random feeds per backend for the parity columns.
 BENCH_PARITY_TRIALS = 5
+# Calls in the GIL-watch pass, run apart from the timed calls (the watcher costs CPU).
+GIL_WATCH_CALLS = 50
 REFERENCE_MODELS = ("speech", "action")
 
 
@@ -28,9 +31,14 @@ def run_engine_bench(iterations: int = BENCH_ITERATIONS,
 
     CPU backends get one intra-op thread each, which leaves the other core of a 2-core robot
     computer for drivers, alignment and publishing (ONNX Runtime also with spinning off, as
-    the node runs it). GPU rows (torch CUDA fp16 with a CUDA graph, TensorRT) appear where a
-    GPU is usable; otherwise `skipped` says why. `samples`, if given, receives every timed
-    call's latency in ms, for plots: `samples[model][backend-precision]`.
+    the node runs it). GPU rows (torch CUDA fp32 and fp16 with a CUDA graph, TensorRT)
+    appear where a GPU is usable; otherwise `skipped` says why. `samples`, if given, receives
+    every timed call's latency in ms, for plots: `samples[model][backend-precision]`.
+
+    `cpu_ms_per_call` is the process's CPU time per timed call (a GPU backend that spins
+    while it waits shows it here); `gil_free_share` is how fast another Python thread runs
+    during inference, as a share of its speed while this one sleeps: near 1 where the
+    backend releases the GIL, the CPU share of a call where it holds it.
     """
     import numpy as np
     import torch
@@ -75,8 +83,9 @@ def _bench_model(name: str, skipped: dict[str, str], rng: np.random.Generator,
         ("torch", "fp32", reference),
         ("onnxruntime", "fp32", OnnxRuntimeEngine(path, intra_op_threads=1))]
     if "torch-cuda" not in skipped:
-        candidates.append(("torch-cuda", "fp16", TorchEngine.from_onnx(
-            path, device="cuda", precision="fp16")))
+        for precision in ("fp32", "fp16"):
+            candidates.append(("torch-cuda", precision, TorchEngine.from_onnx(
+                path, device="cuda", precision=precision)))
     for precision in ("fp32", "fp16"):
         if f"tensorrt-{precision}" not in skipped:
             from engines.tensorrt_backend import TensorRTEngine
@@ -95,7 +104,10 @@ def _bench_model(name: str, skipped: dict[str, str], rng: np.random.Generator,
             abs_diff, rel_diff = _parity(engine, reference, inputs, rng)
             row.update(max_abs_diff=float(f"{abs_diff:.3g}"),
                        max_rel_diff=float(f"{rel_diff:.3g}"))
-        times_ms = _latency(engine, models.random_feeds(inputs, rng), iterations)
+        feeds = models.random_feeds(inputs, rng)
+        times_ms, cpu_ms = _latency(engine, feeds, iterations)
+        row.update(cpu_ms_per_call=round(cpu_ms, 4), gil_free_share=round(
+            _gil_free_share(engine, feeds), 3))
         p50, p99 = (float(v) for v in np.percentile(times_ms, [50, 99]))
         if samples is not None:
             samples[f"{backend} {precision}"] = times_ms.tolist()
@@ -104,6 +116,8 @@ def _bench_model(name: str, skipped: dict[str, str], rng: np.random.Generator,
         if getattr(engine, "last_gpu_ms", None):
             row["last_gpu_ms"] = round(engine.last_gpu_ms, 4)  # CUDA events, last call
         rows.append(row)
+    for _, _, engine in candidates:
+        engine.close()  # GPU buffers and streams go now, not at exit
     return rows
 
 
@@ -124,15 +138,52 @@ def _parity(engine: Any, reference: Any, inputs: dict[str, tuple[int, ...]],
     return worst_abs, worst_rel
 
 
-def _latency(engine: Any, feeds: dict[str, np.ndarray], iterations: int) -> np.ndarray:
-    """Milliseconds of each of `iterations` timed calls, after warm-up."""
+def _latency(engine: Any, feeds: dict[str, np.ndarray], iterations: int
+             ) -> tuple[np.ndarray, float]:
+    """Milliseconds of each of `iterations` timed calls after warm-up, and the process's CPU
+    milliseconds per call."""
     import numpy as np
 
     for _ in range(BENCH_WARM_UP):
         engine.infer(feeds)
     times = np.empty(iterations)
+    cpu_start = time.process_time_ns()
     for i in range(iterations):
         start = time.perf_counter_ns()
         engine.infer(feeds)
         times[i] = time.perf_counter_ns() - start
-    return times / 1e6
+    cpu_ms = (time.process_time_ns() - cpu_start) / 1e6 / iterations
+    return times / 1e6, cpu_ms
+
+
+def _count_while(work: Any) -> float:
+    """Increments per second a second Python thread makes while `work()` runs."""
+    count = 0
+    stop = threading.Event()
+
+    def spin() -> None:
+        nonlocal count
+        while not stop.is_set():
+            count += 1
+
+    watcher = threading.Thread(target=spin, daemon=True)
+    start = time.perf_counter()
+    watcher.start()
+    try:
+        work()
+    finally:
+        stop.set()
+        watcher.join()
+    return count / (time.perf_counter() - start)
+
+
+def _gil_free_share(engine: Any, feeds: dict[str, np.ndarray]) -> float:
+    started = time.perf_counter()
+
+    def run() -> None:
+        for _ in range(GIL_WATCH_CALLS):
+            engine.infer(feeds)
+
+    busy = _count_while(run)
+    idle = _count_while(lambda: time.sleep(time.perf_counter() - started))
+    return busy / idle if idle else 0.0

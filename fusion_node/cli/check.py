@@ -42,9 +42,11 @@ def _tensorrt() -> str:
     reason = tensorrt_unavailable()
     if reason is not None:
         raise ImportError(reason)
-    import tensorrt
+    from engines.tensorrt_backend import versions
 
-    return f"TensorRT {tensorrt.__version__}"
+    found = versions()
+    return (f"TensorRT {found['tensorrt']}, cuda-python {found['cuda_python']}, driver CUDA "
+            f"{found['driver_cuda']}")
 
 
 def _portaudio() -> str:

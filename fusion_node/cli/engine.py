@@ -132,14 +132,12 @@ def engine_info(model: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any
     if reason is not None:
         result["tensorrt"] = f"unavailable: {reason}"
         return result
-    from engines.cache import CacheKey, EngineCache
-    from engines.tensorrt_backend import device_info, trt
+    from engines.cache import EngineCache
+    from engines.tensorrt_backend import cache_key
 
-    gpu, capability = device_info()
     keys = {}
     for precision in ("fp32", "fp16"):
-        key = CacheKey(hashlib.sha256(data).hexdigest(), trt.__version__, gpu, capability,
-                       precision, tuple(sorted(shapes.items())))
+        key = cache_key(hashlib.sha256(data).hexdigest(), precision, shapes)
         path_for = EngineCache().path_for(key)
         keys[precision] = {"key": json.loads(key.to_json()), "plan": str(path_for),
                            "cached": path_for.exists()}

@@ -35,5 +35,7 @@ def test_a_part_a_launch_file_needs_that_cannot_load_fails_in_one_line(tmp_path,
     assert main(["check", "--config", str(launch)]) == 1
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1
-    assert "cannot load tensorrt: ImportError: tensorrt does not import" in error
+    from engines.backends import tensorrt_unavailable
+
+    assert f"cannot load tensorrt: ImportError: {tensorrt_unavailable()}" in error
     assert "TensorRT from NVIDIA" in error

@@ -226,15 +226,17 @@ def _render_face() -> np.ndarray:
 @dataclass(frozen=True, slots=True)
 class SimulatedMicrophoneConfig:
     """A simulated microphone: the speech script's voice plus a low noise floor. `seed`
-    fixes the noise."""
+    fixes the noise. `channels` > 1 is an array whose channels hear the same voice with
+    their own noise (what `bench scale` grows)."""
 
     stream: str
     sample_rate: int = 16000
     chunk_ms: float = 10.0
     seed: int | None = None
+    channels: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("sample_rate", "chunk_ms"):
+        for key in ("sample_rate", "chunk_ms", "channels"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"stream {self.stream!r}: {key} is {getattr(self, key)}, "
                                   "must be > 0")
@@ -244,27 +246,34 @@ _VOICE_GAIN = 0.5  # the script peaks at about half of full scale
 _NOISE_STD = 30.0
 
 
-def microphone_samples(t_ns: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """int16 [n, 1]: what the simulated microphone hears at clock times `t_ns`, the script's
-    voice plus a little sensor noise."""
-    signal = voice(t_ns) * (_VOICE_GAIN * 32768) + rng.normal(0, _NOISE_STD, len(t_ns))
-    return np.clip(np.round(signal), -32768, 32767).astype(np.int16)[:, None]
+def microphone_samples(t_ns: np.ndarray, rng: np.random.Generator,
+                       channels: int = 1) -> np.ndarray:
+    """int16 [n, channels]: what the simulated microphone hears at clock times `t_ns`, the
+    script's voice plus a little sensor noise, independent per channel."""
+    speech = voice(t_ns) * (_VOICE_GAIN * 32768)
+    if channels == 1:  # the same draws as ever: recordings of the default stay identical
+        signal = (speech + rng.normal(0, _NOISE_STD, len(t_ns)))[:, None]
+    else:
+        signal = speech[:, None] + rng.normal(0, _NOISE_STD, (len(t_ns), channels))
+    return np.clip(np.round(signal), -32768, 32767).astype(np.int16)
 
 
 class SimulatedMicrophone:
-    """Mono int16 audio in fixed chunks through `AudioChunker`, following the speech script."""
+    """int16 audio (mono unless `channels` says otherwise) in fixed chunks through
+    `AudioChunker`, following the speech script."""
 
     def __init__(self, config: SimulatedMicrophoneConfig, clock: Clock) -> None:
         self.config = config
         self.stream = config.stream
-        self._chunker = AudioChunker(config.stream, config.sample_rate, 1, config.chunk_ms)
+        self._chunker = AudioChunker(config.stream, config.sample_rate, config.channels,
+                                     config.chunk_ms)
         self._pacer = _Pacer(clock, config.sample_rate)
         self._rng = np.random.default_rng(config.seed)
 
     async def connect(self) -> None:
         self._pacer.start()
-        self._chunker = AudioChunker(self.stream, self.config.sample_rate, 1,
-                                     self.config.chunk_ms)
+        self._chunker = AudioChunker(self.stream, self.config.sample_rate,
+                                     self.config.channels, self.config.chunk_ms)
 
     async def recv(self) -> AudioChunk:
         return await asyncio.to_thread(self._recv_blocking)
@@ -279,7 +288,7 @@ class SimulatedMicrophone:
         return chunk
 
     def _synthesise(self, t_ns: np.ndarray) -> np.ndarray:
-        return microphone_samples(t_ns, self._rng)
+        return microphone_samples(t_ns, self._rng, self.config.channels)
 
     async def disconnect(self) -> None:
         pass

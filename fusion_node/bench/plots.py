@@ -21,7 +21,7 @@ import numpy as np
 from fusion_node.errors import ConfigError
 
 DPI = 100
-PLOTTED_BENCHES = ("transport", "pipeline", "engines")
+PLOTTED_BENCHES = ("transport", "pipeline", "engines", "scale")
 EVAL_CURVES = (("audio_only", "audio only"), ("video_only", "video only"),
                ("audio_video", "audio + video"))
 _PATH_COLOURS = {"raw": "tab:grey", "ours": "tab:blue", "shm": "tab:green",
@@ -179,6 +179,50 @@ def plot_engines(result: dict[str, Any], samples: dict[str, Any], out_dir: Path
                  fontsize=9)
     fig.tight_layout()
     return [_save(fig, out_dir / "engine_latency.png")]
+
+
+def plot_scale(result: dict[str, Any], samples: dict[str, Any], out_dir: Path) -> list[Path]:
+    """`scale.png`: per configuration (cameras / mic channels / engines), CPU in cores split
+    into the node and its driver processes, and each engine's ready-after-t_ref p99 against
+    its declared latency."""
+    plt = _pyplot()
+    rows = result.get("rows") or []
+    if not rows:
+        raise ConfigError("scale plot: the bench returned no configurations")
+    labels = [f"{r['cameras']} cam\n{r['mic_channels']} ch\n{r['engine_count']} eng" for r in rows]
+    x = np.arange(len(rows))
+    fig, (cpu_ax, ready_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    node = np.array([r["cpu_cores"].get("node", 0.0) for r in rows])
+    drivers = np.array([sum(v for k, v in r["cpu_cores"].items() if k.startswith("driver "))
+                        for r in rows])
+    cpu_ax.bar(x, node, label="node process")
+    cpu_ax.bar(x, drivers, bottom=node, label="driver processes")
+    cpu_ax.axhline(result.get("cpus") or 0, color="tab:red", linestyle="--", linewidth=1,
+                   label=f"{result.get('cpus')} cores")
+    cpu_ax.set_xticks(x, labels, fontsize=7)
+    cpu_ax.set_ylabel("CPU (cores)")
+    cpu_ax.legend(fontsize=8)
+    cpu_ax.grid(True, axis="y", alpha=0.3)
+    names = sorted({name for r in rows for name in r["engines"]})
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        values = [r["engines"].get(name, {}).get("ready_after_t_ref_p99_ms") or np.nan
+                  for r in rows]
+        ready_ax.bar(x + (i - (len(names) - 1) / 2) * width, values, width, label=name)
+    for name in names:
+        declared = next(r["engines"][name]["declared_latency_ms"] for r in rows
+                        if name in r["engines"])
+        ready_ax.axhline(declared, linestyle=":", linewidth=1, color="grey")
+    ready_ax.set_xticks(x, [f"{lab}\nmisses {r['deadline_misses']}"
+                            for lab, r in zip(labels, rows)], fontsize=7)
+    ready_ax.set_ylabel("ready after t_ref, p99 (ms); dotted: declared latencies")
+    ready_ax.legend(fontsize=8)
+    ready_ax.grid(True, axis="y", alpha=0.3)
+    largest = result.get("largest_without_misses")
+    fig.suptitle(f"bench scale, {result.get('duration_s')} s per configuration; largest "
+                 f"without misses: {largest}", fontsize=9)
+    fig.tight_layout()
+    return [_save(fig, out_dir / "scale.png")]
 
 
 def _error_bars(rates: np.ndarray, bounds: np.ndarray) -> np.ndarray:
@@ -371,5 +415,5 @@ def plot_bench(bench: str, result: dict[str, Any], samples: dict[str, Any], out_
     directory = check_plot_request(bench, out_dir)
     (directory / f"bench_{bench}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot = {"transport": plot_transport, "pipeline": plot_pipeline,
-            "engines": plot_engines}[bench]
+            "engines": plot_engines, "scale": plot_scale}[bench]
     return [directory / f"bench_{bench}.json", *plot(result, samples, directory)]

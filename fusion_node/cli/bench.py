@@ -12,11 +12,11 @@ def add_bench_parser(commands: Any) -> None:
     bench = commands.add_parser("bench", help="measure transport, pipeline or engine "
                                 "performance")
     bench.add_argument("what", choices=("transport", "pipeline", "engines", "record",
-                                               "clock", "client", "fuzz", "soak"))
+                                               "clock", "client", "fuzz", "soak", "scale"))
     bench.add_argument("--json", action="store_true", help="one-line JSON")
     bench.add_argument("--count", type=int, default=2000, help="messages per kind (transport)")
     bench.add_argument("--duration", type=float, default=20.0,
-                       help="seconds (pipeline, record, clock)")
+                       help="seconds (pipeline, record, clock; scale: per configuration)")
     bench.add_argument("--iterations", type=int, default=200,
                        help="timed calls per backend (engines)")
     bench.add_argument("--inputs", type=int, default=1_000_000,
@@ -32,7 +32,7 @@ def add_bench_parser(commands: Any) -> None:
                        help="comma-separated faults the soak injects (soak; to find which "
                        "one a figure comes from)")
     bench.add_argument("--plot", metavar="DIR", help="also write PNG plots and the JSON "
-                       "into DIR (transport, pipeline, engines; needs matplotlib)")
+                       "into DIR (transport, pipeline, engines, scale; needs matplotlib)")
 
 
 def run_bench_command(args: argparse.Namespace) -> None:
@@ -67,6 +67,10 @@ def run_bench_command(args: argparse.Namespace) -> None:
         from fusion_node.bench.record import run_record_bench
 
         result = run_record_bench(duration_s=args.duration)
+    elif args.what == "scale":
+        from fusion_node.bench.scale import run_scale_bench
+
+        result = run_scale_bench(duration_s=args.duration)
     elif args.what == "soak":
         from fusion_node.bench.soak import run_soak_bench
 

@@ -6,6 +6,7 @@
 #                             torch (the CPU build, 2.13.0+cpu, found in $WHEELS) and the test
 #                             tools, for x86-64 Linux and Python 3.11, the CI machine
 #   requirements/tools.txt    uv itself, which compiles the lock
+#   requirements/mutation.txt mutmut, for scripts/mutation.sh, within the test lock
 # Pass --upgrade to move every package to the newest version the ranges allow; without it, uv
 # keeps the versions already locked where they still fit.
 set -euo pipefail
@@ -23,6 +24,8 @@ compile=("$UV" pip compile --quiet --generate-hashes --python-version 3.11 "${up
 # ran (an extra may cap a shared package: lerobot-dataset keeps OpenCV below 4.13).
 "${compile[@]}" --universal --constraint requirements/test.txt \
     pyproject.toml requirements/build.in -o requirements/runtime.txt
+"${compile[@]}" --python-platform x86_64-manylinux_2_28 --constraint requirements/test.txt \
+    requirements/mutation.in -o requirements/mutation.txt
 grep -q '^torch==.*+cpu' requirements/test.txt \
     || { echo "lock: torch resolved to a CUDA build; is the CPU wheel in $WHEELS?" >&2; exit 1; }
 

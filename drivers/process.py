@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import asyncio
 
-from drivers.base import Driver, WritesIntoLoans
+import numpy as np
+
+from drivers.base import Driver, Loan, WritesIntoLoans
 from fusion_node.errors import DriverError, EndOfStream
+from fusion_node.shm import RingFull
 from fusion_node.transport import Publisher
 
 DISCONNECT_TIMEOUT_S = 3.0
+
+
+def loan_or_plain(publisher: Publisher) -> Loan:
+    """`publisher.loan`, or a plain array when the ring is full (every slot held by
+    subscribers): the sample then goes inline, which the publisher counts and logs as a
+    fallback, unless a slot was released before it is sent."""
+    def loan(stream: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        try:
+            return publisher.loan(stream, shape, dtype)
+        except RingFull:
+            return np.empty(shape, dtype)
+    return loan
 
 
 async def publish_driver(driver: Driver, publisher: Publisher) -> int:
@@ -19,7 +34,7 @@ async def publish_driver(driver: Driver, publisher: Publisher) -> int:
     """
     sent = 0
     if isinstance(driver, WritesIntoLoans):
-        driver.use_loans(publisher.loan)
+        driver.use_loans(loan_or_plain(publisher))
     try:
         await driver.connect()
         while True:

@@ -30,6 +30,7 @@ _KINDS: dict[str, tuple[str, str, str]] = {
                        "SimulatedMicrophoneConfig"),
     "sim_joints": ("drivers.sim.simulated", "SimulatedJoints", "SimulatedJointsConfig"),
     "sim_arm": ("drivers.sim.arm_driver", "SimulatedArm", "SimulatedArmConfig"),
+    "ros2": ("drivers.ros2", "Ros2Subscriber", "Ros2SubscriberConfig"),
 }
 KINDS = tuple(_KINDS)
 

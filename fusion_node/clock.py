@@ -6,8 +6,10 @@ replay is deterministic: sleeping on it waits until the replay has advanced far 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -30,6 +32,51 @@ _SPIN_NS = 300_000
 def thread_cpu_ns() -> int:
     """CPU time the calling thread has used: what a piece of work costs, without its waits."""
     return time.thread_time_ns()
+
+
+@dataclass(frozen=True)
+class WallClockMapping:
+    """One reading of the wall clock (CLOCK_REALTIME) placed on CLOCK_MONOTONIC: turns
+    monotonic stamps into wall time for people (Foxglove's timeline). Stamps stay monotonic;
+    this is display metadata, and a wall clock stepped later (NTP) is not followed."""
+
+    monotonic_ns: int  # the middle of the bracket the wall clock was read in
+    wall_ns: int
+    uncertainty_ns: int  # half that bracket: the true pairing is within ± this
+
+    def to_wall_ns(self, t_ns: int) -> int:
+        return t_ns + (self.wall_ns - self.monotonic_ns)
+
+    def to_json(self) -> str:
+        return json.dumps({"monotonic_ns": self.monotonic_ns, "wall_ns": self.wall_ns,
+                           "uncertainty_ns": self.uncertainty_ns})
+
+    @classmethod
+    def from_json(cls, text: str) -> WallClockMapping:
+        """The mapping `to_json` wrote; ValueError if `text` is not one."""
+        try:
+            data = json.loads(text)
+            values = [data[k] for k in ("monotonic_ns", "wall_ns", "uncertainty_ns")]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"not a wall clock mapping: {text[:80]!r} ({exc})") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"not a wall clock mapping: {text[:80]!r} (integers expected)")
+        return cls(*values)
+
+
+def measure_wall_clock(tries: int = 64) -> WallClockMapping:
+    """Read the wall clock between two monotonic reads `tries` times and keep the tightest
+    bracket: a read preempted or delayed by the GIL widens its bracket and is not kept."""
+    best: tuple[int, int, int] | None = None
+    for _ in range(tries):
+        before = time.monotonic_ns()
+        wall = time.time_ns()
+        after = time.monotonic_ns()
+        if best is None or after - before < best[2] - best[0]:
+            best = (before, wall, after)
+    assert best is not None
+    before, wall, after = best
+    return WallClockMapping((before + after) // 2, wall, (after - before + 1) // 2)
 
 
 class MonotonicClock:

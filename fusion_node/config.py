@@ -5,6 +5,8 @@ Durations are written in `_ms` / `_s` and converted to integer ns here, once.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -27,6 +29,8 @@ DRIVER_KIND_TO_SAMPLE = {
     "microphone": "audio", "wav": "audio", "sim_microphone": "audio",
     "joints_zmq": "joints", "sim_joints": "joints", "sim_arm": "joints",
 }
+# Drivers whose sample kind follows their config: a ros2 driver's message type.
+DRIVER_KINDS = (*sorted(DRIVER_KIND_TO_SAMPLE), "ros2")
 BINDINGS = ("speech", "action", "spec")
 
 
@@ -41,6 +45,23 @@ class DriverConfig:
     # Large payloads through a shared-memory ring (protocol.md §10); off for subscribers
     # that cannot map it: another host, or a client without the extension.
     shared_memory: bool = True
+
+    @property
+    def sample_kind(self) -> str:
+        """frame, audio or joints: what this driver's stream carries."""
+        return driver_sample_kind(self.kind, self.stream, self.config)
+
+
+def driver_sample_kind(kind: str, stream: str, config: Any) -> str:
+    if kind != "ros2":
+        return DRIVER_KIND_TO_SAMPLE[kind]
+    from drivers.ros2 import TYPES
+
+    ros_type = config.get("type") if isinstance(config, dict) else None
+    if ros_type not in TYPES:
+        raise ConfigError(f"ros2 driver for stream {stream!r}: config.type {ros_type!r} is not "
+                          f"one of {sorted(TYPES)}")
+    return TYPES[ros_type]
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,36 @@ class RecordConfig:
 
 
 @dataclass(frozen=True)
+class ViewConfig:
+    """The launch file's `[view]` table: live views served by the node while it runs."""
+
+    # The Foxglove WebSocket server's (host, port) (fusion_node.view.foxglove_live); None:
+    # no server.
+    foxglove: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """The launch file's `[replay]` table: how `fusion-node replay` reads a foreign log."""
+
+    # A rosbag2's topics and the sensor streams they replay as, e.g.
+    # {"/cam/image_raw": "camera.front"}; empty: topics named by fusion-node's own rule
+    # (fusion_node.ros2.messages.ros_topic), as `log export --ros2` writes them.
+    ros2: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ros2Config:
+    """The launch file's `[ros2]` table: publish the node's outputs as ROS 2 topics over DDS
+    (fusion_node.ros2.dds), on its own thread, never on the real-time path."""
+
+    publish: bool = False
+    domain_id: int = 0  # ROS_DOMAIN_ID
+    sensors: bool = False  # also the sensor streams (Image, AudioChunk, JointState)
+    queue_size: int = 64  # messages waiting for DDS; beyond it they are dropped, counted
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     pub: str
     run_dir: str | None
@@ -113,6 +164,9 @@ class NodeConfig:
     allowed_clients: str | None = None
     # How far after its receipt a sample may be stamped before it is refused (`too_new`).
     max_future_ns: int = DEFAULT_MAX_FUTURE_NS
+    view: ViewConfig = field(default_factory=ViewConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    ros2: Ros2Config = field(default_factory=Ros2Config)
 
     def capacities(self) -> dict[str, int]:
         capacities = {d.stream: d.capacity for d in self.drivers}
@@ -123,13 +177,14 @@ class NodeConfig:
 
 def _driver(data: Any, index: int) -> DriverConfig:
     table = Table(data, f"drivers[{index}]")
-    kind = table.choice("kind", tuple(sorted(DRIVER_KIND_TO_SAMPLE)))
+    kind = table.choice("kind", DRIVER_KINDS)
     stream = table.get("stream", str)
+    config = table.get("config", dict, {})
     driver = DriverConfig(
         kind=kind, stream=stream, process=table.get("process", bool, True),
-        endpoint=table.get("endpoint", str, None), config=table.get("config", dict, {}),
+        endpoint=table.get("endpoint", str, None), config=config,
         capacity=table.get("buffer_capacity", int,
-                           DEFAULT_CAPACITY[DRIVER_KIND_TO_SAMPLE[kind]]),
+                           DEFAULT_CAPACITY[driver_sample_kind(kind, stream, config)]),
         shared_memory=table.get("shared_memory", bool, True))
     table.done()
     return driver
@@ -223,6 +278,71 @@ def _record(data: Any) -> RecordConfig | None:
     return record
 
 
+def _view(data: Any) -> ViewConfig:
+    if data is None:
+        return ViewConfig()
+    table = Table(data, "view")
+    address = table.get("foxglove", str, None)
+    table.done()
+    if address is None:
+        return ViewConfig()
+    host, _, port_text = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # "[::1]:8765"
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"view.foxglove = {address!r} is not HOST:PORT (a port from 1 to "
+                          "65535), e.g. \"127.0.0.1:8765\"")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name or interface: not provably this host only
+        loopback = False
+    # The server has no authentication and streams the camera and microphone.
+    if not loopback:
+        raise ConfigError(f"view.foxglove = {address!r} is not a loopback address: anyone who "
+                          "reaches it would see the camera and hear the microphone, and the "
+                          "Foxglove server has no authentication. Serve on 127.0.0.1 and "
+                          "connect through a tunnel (ssh -L 8765:127.0.0.1:8765 robot)")
+    return ViewConfig(foxglove=(host, int(port_text)))
+
+
+# An absolute ROS 2 topic name: /-separated tokens of letters, digits and underscores.
+_ROS2_TOPIC = re.compile(r"(/[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def _replay(data: Any) -> ReplayConfig:
+    if data is None:
+        return ReplayConfig()
+    table = Table(data, "replay")
+    ros2 = table.get("ros2", dict, {})
+    table.done()
+    for topic, stream in ros2.items():
+        if not _ROS2_TOPIC.fullmatch(topic):
+            raise ConfigError(f"replay.ros2: key {topic!r} is not an absolute ROS 2 topic name "
+                              "(e.g. \"/cam/image_raw\")")
+        if not isinstance(stream, str):
+            raise ConfigError(f"replay.ros2.\"{topic}\" = {stream!r} is not a stream name")
+    return ReplayConfig(ros2=dict(ros2))
+
+
+def _ros2(data: Any) -> Ros2Config:
+    if data is None:
+        return Ros2Config()
+    table = Table(data, "ros2")
+    ros2 = Ros2Config(publish=table.get("publish", bool, False),
+                      domain_id=table.get("domain_id", int, 0),
+                      sensors=table.get("sensors", bool, False),
+                      queue_size=table.get("queue_size", int, 64))
+    table.done()
+    # ROS 2 (rmw) allows domain ids 0 to 232: what fits the RTPS port formula.
+    table.in_range("domain_id", ros2.domain_id, f"ros2.domain_id = {ros2.domain_id} must be "
+                   "from 0 to 232 (ROS_DOMAIN_ID)", minimum=0, exclusive_maximum=233)
+    table.in_range("queue_size", ros2.queue_size, f"ros2.queue_size = {ros2.queue_size} must "
+                   "be positive", exclusive_minimum=0)
+    if ros2.sensors and not ros2.publish:
+        raise ConfigError("ros2.sensors = true publishes sensor streams alongside the "
+                          "predictions: it needs ros2.publish = true")
+    return ros2
+
+
 def parse_config(text: str, source: str, base_dir: str | Path | None = None) -> NodeConfig:
     """Parse a launch file; every error names the file, the key and what is allowed.
     Key paths are resolved against `base_dir` (the launch file's directory)."""
@@ -270,7 +390,10 @@ def parse_tables(data: Any, source: str) -> NodeConfig:
         calibration=node.get("calibration", str, None),
         server_secret_key=node.get("server_secret_key", str, None),
         allowed_clients=node.get("allowed_clients", str, None),
-        max_future_ns=node.ms("max_future_ms", DEFAULT_MAX_FUTURE_NS / 1e6))
+        max_future_ns=node.ms("max_future_ms", DEFAULT_MAX_FUTURE_NS / 1e6),
+        view=_view(root.get("view", dict, None)),
+        replay=_replay(root.get("replay", dict, None)),
+        ros2=_ros2(root.get("ros2", dict, None)))
     node.in_range("max_future_ms", config.max_future_ns / 1e6, f"{source}: node.max_future_ms "
                   f"= {config.max_future_ns / 1e6} must be >= 0", minimum=0)
     node.done()
@@ -291,6 +414,16 @@ def _check_references(config: NodeConfig, source: str) -> None:
             if stream not in known:
                 raise ConfigError(f"engine {engine.name!r}: input {role} = {stream!r} is not a "
                                   f"configured stream ({sorted(known)})")
+    # A bag's topic replays into a sensor stream (predictions are the engines' to make).
+    inputs = [d.stream for d in drivers] + [s.name for s in external if s.kind != "prediction"]
+    for topic, stream in config.replay.ros2.items():
+        if stream not in inputs:
+            raise ConfigError(f"replay.ros2.\"{topic}\" = {stream!r} is not a sensor stream of "
+                              f"this launch file ({sorted(inputs)})")
+    mapped = list(config.replay.ros2.values())
+    twice = sorted({s for s in mapped if mapped.count(s) > 1})
+    if twice:
+        raise ConfigError(f"replay.ros2: stream(s) {twice} mapped from more than one topic")
     # Driver settings are checked here, so a typo fails before any process starts.
     for driver in drivers:
         check_driver_config(driver.kind, driver.stream, driver.config)

@@ -18,9 +18,10 @@ import sys
 import tempfile
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 from threadpoolctl import threadpool_limits
@@ -28,7 +29,7 @@ from threadpoolctl import threadpool_limits
 from fusion_node.alignment import AlignmentBuffer
 from fusion_node.bindings import ActionBinding, SpecBinding, SpeechBinding
 from fusion_node.calibration import Calibration, load_calibration
-from fusion_node.clock import Clock, MonotonicClock
+from fusion_node.clock import Clock, MonotonicClock, measure_wall_clock
 from fusion_node.config import NODE_PUB, EngineConfig, NodeConfig
 from fusion_node.errors import CalibrationError, ConfigError, EndOfStream, FusionError
 from fusion_node.host.gc_pauses import GcPauses
@@ -50,6 +51,7 @@ from fusion_node.transport import Publisher, Subscriber
 
 if TYPE_CHECKING:
     from fusion_node.logs.recorder import Recorder
+    from fusion_node.ros2.dds import DdsBridge
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,23 @@ def build_engine_runners(config: NodeConfig, clock: Clock, buffer: AlignmentBuff
     return runners
 
 
+class Observer(Protocol):
+    """Something off the real-time path that sees what the node sees: every message entering
+    the alignment buffer (sensor samples, the node's own predictions) and each node.health.
+    The live Foxglove server is one (fusion_node.view.foxglove_live, made by the CLI: the
+    runtime imports no view code)."""
+
+    name: str  # its entry in node.health
+
+    def offer(self, msg: Message) -> bool:
+        """Take `msg` without blocking (a bounded queue, drops counted); False if not taken."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
 class AudioContinuity:
     """Samples missing between consecutive chunks of each audio stream's run (a device
     overrun, a lost chunk), counted for node.health; the alignment buffer masks them."""
@@ -184,8 +203,9 @@ class AudioContinuity:
 
 class Node:
     def __init__(self, config: NodeConfig, clock: Clock | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, observers: Sequence[Observer] = ()) -> None:
         self.config = config
+        self.observers = list(observers)  # owned: closed when the run ends
         self.clock = clock or MonotonicClock()
         self._context = context or realtime_context()
         self._owns_context = context is None
@@ -226,6 +246,7 @@ class Node:
         self.heap = HeapTrimmer()
         self.audio_continuity = AudioContinuity()
         self.curve: CurveServer | None = None  # with keys: authenticator, refusal counts
+        self.ros2: DdsBridge | None = None  # [ros2] publish: outputs as ROS 2 topics
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -266,7 +287,7 @@ class Node:
                 sample.t_receive_ns = self.clock.now_ns()
                 if self._correct(sample):
                     self.audio_continuity.note(sample)
-                    self.buffer.push(sample)
+                    self._push(sample)
         except EndOfStream:
             log.info("driver %s reached the end of its source", stream)
         except FusionError as exc:
@@ -281,7 +302,16 @@ class Node:
             msg = subscriber.recv(timeout_ms=50)
             if msg is not None and (not correcting or self._correct(msg)):
                 self.audio_continuity.note(msg)
-                self.buffer.push(msg)
+                self._push(msg)
+
+    def _push(self, msg: Message) -> None:
+        """Into the alignment buffer, and to the observers (the live Foxglove server) and the
+        ROS 2 bridge if there are."""
+        self.buffer.push(msg)
+        for observer in self.observers:  # bounded, non-blocking queues: no conversion here
+            observer.offer(msg)
+        if self.ros2 is not None:  # the same: DDS writes happen on the bridge's thread
+            self.ros2.offer(msg)
 
     def _correct(self, msg: Message) -> bool:
         """Map a remote stamp onto the node clock, then subtract the calibrated delay; False
@@ -350,6 +380,43 @@ class Node:
         self.recorder.start()
         self.buffer.attach(self.recorder, self.runners)
 
+    @property
+    def _ros2_drivers(self) -> dict[str, dict[str, Any]]:
+        """Streams read from ROS 2 topics (stamps on ROS time): their driver configs."""
+        return {d.stream: d.config for d in self.config.drivers if d.kind == "ros2"}
+
+    def _start_ros2(self) -> None:
+        """Publish predictions and health (and sensors, with ros2.sensors) as ROS 2 topics
+        (fusion_node.ros2.dds), if the launch file's [ros2] asks for it."""
+        ros2 = self.config.ros2
+        if not ros2.publish:
+            return
+        try:
+            from fusion_node.ros2.dds import BridgeTopic, DdsBridge
+            from fusion_node.ros2.messages import ros_topic
+        except ImportError as exc:
+            raise ConfigError(f"ros2.publish needs the [ros2] extra (cyclonedds, rosbags): "
+                              f"{exc}") from None
+
+        named = [(e.topic, ros_topic(e.topic, "prediction", e.binding), False)
+                 for e in self.config.engines]
+        named.append((HEALTH_TOPIC, ros_topic(HEALTH_TOPIC, "health"), False))
+        if ros2.sensors:
+            # A stream read from ROS 2 is there already: publishing it again would echo it.
+            sensors = [(d.stream, d.sample_kind) for d in self.config.drivers
+                       if d.kind != "ros2"]
+            sensors += [(s.name, s.kind) for s in self.config.streams if s.kind != "prediction"]
+            named += [(stream, ros_topic(stream, kind), True) for stream, kind in sensors]
+        wall = measure_wall_clock()  # ROS 2 stamps are ROS time: the wall clock
+        self.ros2 = DdsBridge(ros2.domain_id, [
+            BridgeTopic(stream, topic.name, topic.type, sensor) for stream, topic, sensor in named],
+            queue_size=ros2.queue_size, stamp_offset_ns=wall.wall_ns - wall.monotonic_ns)
+        self.ros2.start()
+
+    def _close_observers(self) -> None:
+        for observer in self.observers:
+            observer.close()
+
     def shortfalls(self) -> list[str]:
         """What this run failed to produce: sensor streams that never sent a sample, and
         engines that published nothing (with what they were missing). Empty for a good run."""
@@ -405,6 +472,7 @@ class Node:
         except BaseException:
             if self.curve is not None:
                 self.curve.close()
+            self._close_observers()
             raise
         self.pub_endpoint = output.endpoint
         publisher = DeadlinePublisher(output.send_parts, self.clock,
@@ -416,6 +484,7 @@ class Node:
                                                     publisher)
                 self._backends = _backend_notes(self.config, self.runners)
                 self._start_recorder()
+                self._start_ros2()
                 endpoints = self._driver_processes(run_dir) + list(self.config.connect)
                 supervisors = [tasks.create_task(p.run(), name=p.name)
                                for p in self.driver_processes.values()]
@@ -469,6 +538,9 @@ class Node:
             await self._stop_driver_processes()
             if self.recorder is not None:  # after the publisher: the last predictions too
                 self.recorder.close()
+            self._close_observers()
+            if self.ros2 is not None:  # after the publisher: the last predictions too
+                self.ros2.stop()
             if self.subscriber is not None:
                 self.subscriber.close()
             output.close()
@@ -512,7 +584,7 @@ class Node:
     def _on_published(self, prediction: Prediction) -> None:
         # Other engines (the action engine's command input) read predictions from the buffer.
         prediction.t_receive_ns = prediction.t_publish_ns
-        self.buffer.push(prediction)
+        self._push(prediction)
 
     # -- health -----------------------------------------------------------------------------
 
@@ -542,6 +614,10 @@ class Node:
                                   "unmapped": self.unmapped[stream],
                                   "timeouts": tracker.timeouts,
                                   "jumps": tracker.estimator.jumps}
+            elif stream in self._ros2_drivers:
+                from drivers.ros2 import clock_summary
+
+                entry["clock"] = clock_summary(self._ros2_drivers[stream], now)
             else:
                 # Stamped by a driver on this host's monotonic clock: no offset to estimate.
                 entry["clock"] = {"source": "local", "uncertainty_ms": 0.0}
@@ -564,6 +640,8 @@ class Node:
             "uptime_s": round((now - self._started_ns) / 1e9, 3),
             "streams": streams,
             "rejected": dict(subscriber.rejected) if subscriber else {},
+            # Shared memory: frames lost whole per stream, publishers' inline fallbacks.
+            "shm": subscriber.shm_stats() if subscriber else {},
             "last_rejection": subscriber.last_error if subscriber else "",
             "unknown_streams": dict(self.buffer.unknown_streams),
             "engines": {r.name: {**r.stats.summary(), **self._backends.get(r.name, {}),
@@ -582,6 +660,8 @@ class Node:
             "gc_pauses": self.gc_pauses.summary(),
             "heap_trim": self.heap.summary(),
             **({"recorder": self.recorder.stats()} if self.recorder is not None else {}),
+            **{observer.name: observer.stats() for observer in self.observers},
+            **({"ros2": self.ros2.stats()} if self.ros2 is not None else {}),
         }
 
     async def _keep_watchdog(self) -> None:
@@ -606,6 +686,10 @@ class Node:
             self.publisher.schedule(health, now)
             if self.recorder is not None:
                 self.recorder.offer(health, log_time_ns=now)
+            for observer in self.observers:
+                observer.offer(health)
+            if self.ros2 is not None:
+                self.ros2.offer(health)
             self._health_seq += 1
 
 

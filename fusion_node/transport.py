@@ -5,11 +5,12 @@ queue is full (high-water mark), so a slow subscriber never blocks or grows the 
 
 Payloads of at least `ShmConfig.threshold_bytes` on a local endpoint (ipc://, inproc://,
 loopback tcp://) travel through a shared-memory ring (fusion_node.shm, protocol.md §10);
-subscribers resolve them into read-only views valid for the ring's lease.
+subscribers resolve them into read-only views whose slot stays held until they are dropped.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -20,7 +21,7 @@ import zmq
 
 from fusion_node.clock import Clock
 from fusion_node.errors import ConfigError, ProtocolError
-from fusion_node.protocol import Message, decode, encode
+from fusion_node.protocol import AudioChunk, Frame, JointState, Message, decode, encode
 from fusion_node.security import (
     ClientKeys,
     CurveServer,
@@ -31,10 +32,13 @@ from fusion_node.security import (
 )
 from fusion_node.shm import ShmConfig, ShmLease, ShmReader, ShmWriter
 
+logger = logging.getLogger(__name__)
+
 # Where the node publishes predictions and node.health unless a launch file says otherwise.
 DEFAULT_PUB = "tcp://127.0.0.1:5599"
 DEFAULT_HWM = 100
 DEFAULT_SHM = ShmConfig()
+_ARRAY_KINDS = (Frame, AudioChunk, JointState)
 
 
 def check_bind_endpoint(endpoint: str, authenticated: bool = False) -> None:
@@ -89,18 +93,26 @@ class Publisher:
         # NOBLOCK: a PUB socket never blocks, but be explicit that sending cannot stall.
         self._socket.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
 
-    def loan(self, stream: str, shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
+    def loan(self, stream: str, shape: tuple[int, ...], dtype: Any = np.uint8,
+             wait_ms: float = 0) -> np.ndarray:
         """A writable array to fill and then send on `stream` without any copy.
 
         On the shared-memory path it is a slot of the stream's ring: write the frame into it
         (e.g. the camera's decoder output), then `send` a message carrying exactly this
         array. Several may be out at once, and the producer's own thread (a capture thread)
-        may ask for them; one dropped without being sent gives its slot back. Otherwise (no
-        shared memory, small, or every slot leased) it is an ordinary array and `send` works
-        as usual."""
+        may ask for them; one dropped without being sent gives its slot back. A payload
+        that does not go through shared memory (none configured, or below its threshold)
+        gets an ordinary array, and `send` works as usual.
+
+        Raises `fusion_node.shm.RingFull` when every slot of the ring is held by
+        subscribers or lent, after waiting up to `wait_ms` for one to be released (0, the
+        default: never waits). With `wait_ms` > 0 it also waits for a slot whose frame every
+        subscriber has taken: the producer then goes at its slowest subscriber's pace
+        (back-pressure) and no subscriber loses a frame to a reused slot."""
         dtype = np.dtype(dtype)
         if int(np.prod(shape)) * dtype.itemsize >= self._shm_threshold:
-            array = (self.shm or self._shm_writer()).loan(stream.encode(), shape, dtype)
+            array = (self.shm or self._shm_writer()).loan(stream.encode(), shape, dtype,
+                                                          wait_ms)
             if array is not None:
                 return array
         return np.empty(shape, dtype)
@@ -129,9 +141,13 @@ class Subscriber:
     """A SUB socket connected to one or more publishers; decodes and validates messages.
 
     Malformed messages are counted by reason in `rejected` and skipped, never raised; so are
-    shared-memory frames lost because this subscriber was too slow (`stale_generation`,
-    `lease_expired`). With `shm` (the default) arrays sent through shared memory are views
-    valid until `last_lease.expires_ns`; copy what you keep longer.
+    shared-memory frames lost because this subscriber was too slow (`stale_generation`: the
+    publisher reused the slot before this subscriber read its header; also counted per
+    stream in `shm_dropped`). With `shm` (the default) arrays sent through shared memory are
+    read-only views whose slot the publisher will not reuse while they are referenced: drop
+    (or copy) frames you are done with, or the ring fills up. An array that arrives inline
+    on a stream that came through shared memory before is a publisher's fallback (its ring
+    was full): counted per stream in `shm_fallbacks` and logged once per stream.
 
     `curve`: `ClientKeys` subscribe to a CURVE-protected publisher; with a `CurveServer` (the
     node) local endpoints stay on a plain socket and the others go through a second, CURVE
@@ -159,6 +175,9 @@ class Subscriber:
             self._protected = self._open(context, remote, topics, hwm, curve)
         self.rejected: Counter[str] = Counter()
         self.last_error: str = ""
+        self.shm_dropped: Counter[str] = Counter()
+        self.shm_fallbacks: Counter[str] = Counter()
+        self._shm_streams: set[str] = set()  # streams seen in shared memory
 
     def _open(self, context: zmq.Context, endpoints: list[str], topics: tuple[str, ...],
               hwm: int, curve: CurveServer | ClientKeys | None) -> zmq.Socket:
@@ -187,12 +206,34 @@ class Subscriber:
             if self._shm is not None:
                 self._shm.last_lease = None
             try:
-                return decode(parts, t_receive_ns, self._shm)
+                msg = decode(parts, t_receive_ns, self._shm)
             except ProtocolError as exc:
                 self.rejected[exc.reason] += 1
                 self.last_error = str(exc)
+                if exc.reason == "stale_generation":
+                    self.shm_dropped[parts[0].bytes.decode(errors="replace")] += 1
+            else:
+                if self._shm is not None and type(msg) in _ARRAY_KINDS:
+                    self._note_path(self._shm, msg.stream)
+                return msg
             timeout_ms = max(0, (deadline_ns - self._clock.now_ns()) // 1_000_000)
         return None
+
+    def _note_path(self, shm: ShmReader, stream: str) -> None:
+        if shm.last_lease is not None:
+            self._shm_streams.add(stream)
+        elif stream in self._shm_streams:
+            self.shm_fallbacks[stream] += 1
+            if self.shm_fallbacks[stream] == 1:
+                logger.warning("%s: a payload arrived inline on a stream that uses shared "
+                               "memory: its publisher's ring was full (counted in "
+                               "shm_fallbacks, logged once)", stream)
+
+    def shm_stats(self) -> dict[str, Any]:
+        """What shared memory cost this subscriber: frames lost whole per stream (`dropped`),
+        publishers' inline fallbacks per stream, frames copied for want of a release row."""
+        return {"dropped": dict(self.shm_dropped), "fallbacks": dict(self.shm_fallbacks),
+                "copied": self._shm.copied if self._shm is not None else 0}
 
     @property
     def last_lease(self) -> ShmLease | None:

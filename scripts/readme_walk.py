@@ -32,6 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKGROUND_NODE = ".venv/bin/fusion-node run --quiet"
+# The README's ROS 2 example: a simulated ROS 2 robot, and the node fed from it.
+ROS2_ROBOT = ".venv/bin/python -m fusion_node.ros2.dds sim-robot"
+ROS2_NODE = ".venv/bin/fusion-node run --quiet --config launch/ros2.toml"
 
 
 @dataclass(frozen=True)
@@ -41,14 +44,15 @@ class Policy:
     expect: str  # "ok", "one-line error", "interrupted" or "skip"
     why: str = ""
     interrupt_after_s: float | None = None  # SIGINT after this long
-    needs_node: bool = False  # a node must be running (the README's "another terminal")
+    # What must be running meanwhile (the README's "another terminal"), started in order.
+    background: tuple[str, ...] = ()
     writes: str | None = None  # a file it writes: run again, it must refuse
 
 
 # First match wins: (regular expression on the command, policy).
 POLICIES: list[tuple[str, Policy]] = [
     (r"^\.venv/bin/python -m pytest", Policy("skip", "the test suite: CI runs it")),
-    (r"fusion-node echo ", Policy("ok", needs_node=True)),
+    (r"fusion-node echo ", Policy("ok", background=(BACKGROUND_NODE,))),
     # `check` asks whether the optional parts the launch file uses load (PortAudio, OpenCV),
     # not whether the devices are plugged in.
     (r"fusion-node check --config launch/robot-example\.toml", Policy("ok")),
@@ -56,7 +60,7 @@ POLICIES: list[tuple[str, Policy]] = [
      Policy("one-line error", "no robot: the drivers fail, nothing is published",
             interrupt_after_s=120)),
     (r"fusion-node top", Policy("interrupted", "a live table until Ctrl-C",
-                                interrupt_after_s=5, needs_node=True)),
+                                interrupt_after_s=5, background=(BACKGROUND_NODE,))),
     (r"engine build speech --backend tensorrt",
      Policy("one-line error", "no TensorRT on this machine")),
     (r"python -m training\.train_", Policy("interrupted", "training takes an hour or more",
@@ -65,9 +69,14 @@ POLICIES: list[tuple[str, Policy]] = [
                                         interrupt_after_s=60)),
     (r"fusion-node eval action", Policy("interrupted", "minutes", interrupt_after_s=60)),
     (r"fusion-node record pred\.mcap --endpoint",
-     Policy("interrupted", "records until Ctrl-C", interrupt_after_s=8, needs_node=True,
+     Policy("interrupted", "records until Ctrl-C", interrupt_after_s=8, background=(BACKGROUND_NODE,),
             writes="pred.mcap")),
     (r"fusion-node record run\.mcap", Policy("ok", writes="run.mcap")),
+    (r"fusion-node run --config launch/ros2\.toml", Policy("ok", background=(ROS2_ROBOT,))),
+    (r"fusion_node\.ros2\.dds echo ", Policy("ok", interrupt_after_s=60,
+                                             background=(ROS2_ROBOT, ROS2_NODE))),
+    (r"--ros2 sample_bag", Policy("ok", writes="sample_bag")),
+    (r"replay sample_bag .*--out bag_pred\.mcap", Policy("ok", writes="bag_pred.mcap")),
     (r"fusion-node run --record run\.mcap",
      Policy("one-line error", "run.mcap exists: the line before wrote it")),
     (r"fusion-node run ", Policy("ok")),
@@ -161,24 +170,29 @@ def without_setup(command: str) -> str:
     return re.sub(r"^bash scripts/setup\.sh[^&]*&&\s*", "", command)
 
 
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+
+
 def walk(commands: list[str], clone: Path, log: Path) -> list[Outcome]:
     outcomes = []
-    node: subprocess.Popen[bytes] | None = None
+    running: dict[str, subprocess.Popen[bytes]] = {}
     with log.open("w") as transcript:
         for command in commands:
             policy = policy_for(command)
             if policy.expect == "skip":
                 outcomes.append(Outcome(command, policy, None, 0.0, []))
                 continue
-            if policy.needs_node and node is None:
-                node = subprocess.Popen(shlex.split(BACKGROUND_NODE), cwd=clone,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
-                time.sleep(6)  # drivers and engines up
-            if not policy.needs_node and node is not None:
-                node.send_signal(signal.SIGINT)
-                node.wait(timeout=60)
-                node = None
+            for name in [n for n in running if n not in policy.background]:
+                _stop(running.pop(name))
+            for name in policy.background:
+                if name not in running:
+                    running[name] = subprocess.Popen(
+                        shlex.split(name), cwd=clone, stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        start_new_session=True)
+                    time.sleep(6)  # drivers and engines up
             code, output, seconds = _run(command, clone, policy.interrupt_after_s)
             interrupted = (policy.interrupt_after_s is not None
                            and seconds >= policy.interrupt_after_s)
@@ -193,9 +207,8 @@ def walk(commands: list[str], clone: Path, log: Path) -> list[Outcome]:
             outcomes.append(Outcome(command, policy, code, seconds, problems))
             status = "ok" if not problems else "FAIL: " + "; ".join(problems)
             print(f"{status:<6} {seconds:6.1f} s  exit {code!s:>4}  {command}", flush=True)
-    if node is not None:
-        node.send_signal(signal.SIGINT)
-        node.wait(timeout=60)
+    for process in running.values():
+        _stop(process)
     return outcomes
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,9 +156,10 @@ def test_frames_from_another_process_arrive_bit_exact_through_shm(
         publisher.kill()
 
 
-def test_a_subscriber_holding_a_frame_never_stalls_the_publisher(
+def test_a_held_frame_is_never_overwritten_and_a_lagging_subscriber_drops_whole_frames(
         context: zmq.Context, tmp_path: Path) -> None:
     endpoint = f"ipc://{tmp_path}/cam.ipc"
+    # A lease far shorter than the test: only the release channel keeps frame 0 intact.
     publisher = PublisherProcess(endpoint, count=150, interval_ms=2, slots=4, lease_ms=40)
     try:
         subscriber = start(context, endpoint, publisher)
@@ -167,16 +170,20 @@ def test_a_subscriber_holding_a_frame_never_stalls_the_publisher(
         summary = publisher.summary()  # while we hold frame 0 and read nothing
         assert summary["sent"] == 150
         assert summary["longest_send_ms"] < 100  # never waited for us
-        assert summary["shm_sent"] > 4  # slots were reused once their lease expired ...
-        assert summary["fallbacks"] > 0  # ... and sent plainly while all four were leased
-        assert not lease.valid()  # the seqlock re-check sees the frame was replaced
-        with pytest.raises(ProtocolError) as exc:
-            lease.check()
-        assert exc.value.reason == "stale_generation"
-        received = [frame.seq for frame in iter(lambda: next_frame_or_none(subscriber), None)]
-        lost = subscriber.rejected["stale_generation"] + subscriber.rejected["lease_expired"]
-        assert lost > 0, "the frames this subscriber was too slow for are counted"
-        assert len(received) + lost == 149
+        # The three other slots went round and round; frame 0's slot was never touched.
+        assert summary["shm_sent"] == 150 and summary["fallbacks"] == 0
+        assert lease.valid()
+        np.testing.assert_array_equal(held.image, expected_image(0))
+        received = []
+        for frame in iter(lambda: next_frame_or_none(subscriber), None):
+            # Whatever is delivered is the frame its header names, bit for bit.
+            np.testing.assert_array_equal(frame.image, expected_image(frame.seq))
+            received.append(frame.seq)
+        dropped = subscriber.shm_dropped["camera.test"]
+        assert dropped > 0, "the frames whose slots were reused before we read them"
+        assert dropped == subscriber.rejected["stale_generation"]
+        assert len(received) + dropped == 149  # each one either whole or counted as lost
+        assert received == sorted(received)
         subscriber.close()
         publisher.finish()
     finally:
@@ -345,13 +352,19 @@ def test_shm_header_not_a_map_and_receiver_without_shm(
     assert exc.value.reason == "shm_unsupported"
 
 
-def test_a_header_read_after_its_lease_is_a_counted_loss(
+def test_a_header_read_late_is_delivered_unless_its_slot_was_reused(
         shm_message: tuple[ShmWriter, list]) -> None:
-    _, parts = shm_message
+    """The lease no longer decides what a live subscriber gets: the slot's generation does."""
+    writer, parts = shm_message
     later = ShmReader(clock_ns=lambda: time.monotonic_ns() + 10 * 10**9)
+    frame = decode(parts, 0, later)
+    np.testing.assert_array_equal(frame.image, expected_image(7))
+    del frame  # released: the slot may be reused ...
+    for seq in range(4):  # ... and is, once the three others have been written
+        writer.wrap(encode(Frame("camera.test", seq, 1, expected_image(seq))))
     with pytest.raises(ProtocolError) as exc:
         decode(parts, 0, later)
-    assert exc.value.reason == "lease_expired"
+    assert exc.value.reason == "stale_generation"
 
 
 def test_subscriber_counts_corrupt_shm_headers(
@@ -493,3 +506,269 @@ def test_a_loan_after_close_makes_no_new_segment() -> None:
     writer.close()
     assert writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8)) is None
     assert segment_names(os.getpid()) == []
+
+
+# -- the release channel: holds, whole-frame drops, a full ring, dead subscribers -------------
+
+# A subscriber process: prints "ready" once it hears the publisher's probes, then reads
+# frames until none comes for `idle_ms`. It checks each frame against the image its header
+# names when it gets it and again after holding it `hold_ms`, and prints a JSON summary.
+# With `keep`, it keeps the first `keep` frames, prints "holding", and waits to be killed.
+_SUBSCRIBER = r"""
+import json, sys, time
+import numpy as np, zmq
+from fusion_node.clock import MonotonicClock
+from fusion_node.protocol import Frame
+from fusion_node.transport import Subscriber
+
+args = json.loads(sys.argv[1])
+shape = tuple(args["shape"])
+
+def expected(i):
+    return (np.arange(np.prod(shape), dtype=np.uint32) * (i + 1) % 251).astype(np.uint8
+                                                                                ).reshape(shape)
+
+context = zmq.Context()
+sub = Subscriber(context, [args["endpoint"]], MonotonicClock(), hwm=10000)
+while sub.recv(100) is None:
+    pass
+print("ready", flush=True)
+received, overwritten, kept = 0, 0, []
+while (msg := sub.recv(args["idle_ms"])) is not None:
+    if not isinstance(msg, Frame):
+        continue
+    received += 1
+    intact = np.array_equal(msg.image, expected(msg.seq))
+    if args["keep"]:
+        kept.append(msg)
+        if len(kept) == args["keep"]:
+            print("holding", flush=True)
+            sys.stdin.readline()
+        continue
+    time.sleep(args["hold_ms"] / 1000)
+    lease = sub.last_lease
+    intact = intact and np.array_equal(msg.image, expected(msg.seq)) and lease.valid()
+    overwritten += not intact
+print(json.dumps({"received": received, "overwritten": overwritten,
+                  "dropped": sub.shm_dropped.get("camera.test", 0),
+                  "rejected": dict(sub.rejected)}), flush=True)
+"""
+
+
+class SubscriberProcess:
+    def __init__(self, endpoint: str, hold_ms: float = 0, keep: int = 0,
+                 idle_ms: int = 2000) -> None:
+        args = {"endpoint": endpoint, "hold_ms": hold_ms, "keep": keep, "idle_ms": idle_ms,
+                "shape": list(SHAPE)}
+        self.proc = subprocess.Popen([sys.executable, "-c", _SUBSCRIBER, json.dumps(args)],
+                                     cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+
+    def line(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def test_a_slow_subscriber_drops_whole_frames_and_none_is_ever_overwritten(
+        tmp_path: Path) -> None:
+    """Two subscriber processes, one holding every frame longer than the lease: the slow one
+    loses whole frames, counted; neither ever sees a frame change under it; the publisher
+    never falls back and never waits."""
+    endpoint = f"ipc://{tmp_path}/cam.ipc"
+    publisher = PublisherProcess(endpoint, count=300, interval_ms=2, slots=8, lease_ms=40)
+    fast = SubscriberProcess(endpoint)
+    slow = SubscriberProcess(endpoint, hold_ms=60)
+    try:
+        assert fast.line() == "ready" and slow.line() == "ready"
+        publisher.go()
+        summary = publisher.summary()
+        assert summary["sent"] == 300 and summary["shm_sent"] == 300
+        assert summary["fallbacks"] == 0 and summary["longest_send_ms"] < 100
+        results = {"fast": json.loads(fast.line()), "slow": json.loads(slow.line())}
+        for name, result in results.items():
+            assert result["overwritten"] == 0, (name, result)
+            # Every frame either arrived whole or was counted as lost whole.
+            assert result["received"] + result["dropped"] == 300, (name, result)
+            assert set(result["rejected"]) <= {"stale_generation"}, (name, result)
+        assert results["slow"]["dropped"] > 200, results  # it could take one in 30
+        assert results["slow"]["received"] >= 5, results
+        publisher.finish()
+    finally:
+        for process in (fast, slow):
+            process.kill()
+        publisher.kill()
+
+
+def test_a_full_ring_is_an_explicit_outcome(context: zmq.Context, tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    from drivers.process import loan_or_plain
+    from fusion_node.shm import RingFull
+
+    endpoint = f"ipc://{tmp_path}/full.ipc"
+    publisher = Publisher(context, endpoint, shm=ShmConfig(slots=2, lease_ms=0))
+    subscriber = Subscriber(context, [endpoint], MonotonicClock())
+    try:
+        deadline = time.monotonic() + 10
+        while subscriber.recv(50) is None:  # slow joiner: small frames stay inline
+            publisher.send(Frame("camera.full", 0, 1, np.zeros((4, 4, 3), np.uint8)))
+            assert time.monotonic() < deadline
+        held = []
+        for seq in (1, 2):
+            image = publisher.loan("camera.full", SHAPE)
+            image[...] = expected_image(seq)
+            publisher.send(Frame("camera.full", seq, 1, image))
+            del image
+            frame = subscriber.recv(2000)
+            assert isinstance(frame, Frame) and subscriber.last_lease is not None
+            held.append(frame)
+        # Both slots are held by a live subscriber: a lease of 0 ms changes nothing.
+        with pytest.raises(RingFull) as full:
+            publisher.loan("camera.full", SHAPE)
+        assert (full.value.slots, full.value.held, full.value.lent) == (2, 2, 0)
+        started = time.monotonic()
+        with pytest.raises(RingFull):
+            publisher.loan("camera.full", SHAPE, wait_ms=50)  # the blocking option
+        assert time.monotonic() - started >= 0.05
+        plain = loan_or_plain(publisher)("camera.full", SHAPE, np.dtype(np.uint8))
+        assert not in_shared_memory(plain)  # the driver's choice, sent inline below
+        # send() never waits: a full ring sends inline, counted on both sides, logged once.
+        with caplog.at_level("WARNING"):
+            for seq in (3, 4):
+                plain[...] = expected_image(seq)
+                publisher.send(Frame("camera.full", seq, 1, plain))
+                frame = subscriber.recv(2000)
+                assert isinstance(frame, Frame) and frame.seq == seq
+                assert subscriber.last_lease is None
+                np.testing.assert_array_equal(frame.image, expected_image(seq))
+        assert publisher.shm is not None
+        assert publisher.shm.fallbacks_by_stream == {"camera.full": 2}
+        assert subscriber.shm_fallbacks == {"camera.full": 2}
+        assert subscriber.shm_stats()["fallbacks"] == {"camera.full": 2}
+        warnings = [r.getMessage() for r in caplog.records if "camera.full" in r.getMessage()]
+        assert len(warnings) == 2, warnings  # the publisher's and the subscriber's, once each
+        # A release frees a slot at once; a blocked loan takes it.
+        threading.Timer(0.05, held.pop).start()
+        started = time.monotonic()
+        image = publisher.loan("camera.full", SHAPE, wait_ms=5000)
+        assert in_shared_memory(image) and time.monotonic() - started < 2
+        np.testing.assert_array_equal(held[0].image, expected_image(1))  # still intact
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
+def test_a_dead_subscribers_slots_are_freed_after_the_lease(context: zmq.Context,
+                                                            tmp_path: Path) -> None:
+    from fusion_node.protocol import Health
+    from fusion_node.shm import RingFull
+
+    endpoint = f"ipc://{tmp_path}/dead.ipc"
+    lease_s = 0.5
+    publisher = Publisher(context, endpoint, hwm=1000,
+                          shm=ShmConfig(slots=2, lease_ms=int(lease_s * 1000)))
+    holder = SubscriberProcess(endpoint, keep=2)
+    try:
+        deadline = time.monotonic() + 20
+        assert holder.proc.stdout is not None
+        while not select.select([holder.proc.stdout], [], [], 0.01)[0]:
+            publisher.send(Health("bench.probe", 0, time.monotonic_ns(), {}))
+            assert time.monotonic() < deadline, "subscriber process never started"
+        assert holder.line() == "ready"
+        for seq in (0, 1):
+            image = publisher.loan("camera.test", SHAPE)
+            image[...] = expected_image(seq)
+            publisher.send(Frame("camera.test", seq, time.monotonic_ns(), image))
+            del image
+        assert holder.line() == "holding"
+        time.sleep(2 * lease_s)
+        with pytest.raises(RingFull):  # a live subscriber's holds outlast the lease
+            publisher.loan("camera.test", SHAPE)
+        holder.proc.send_signal(signal.SIGKILL)
+        holder.proc.wait(10)
+        image = publisher.loan("camera.test", SHAPE)  # dead, and past the lease: freed
+        assert in_shared_memory(image)
+        # A subscriber that dies within the lease: its slot waits out the lease first.
+        del image
+        second = SubscriberProcess(endpoint, keep=1)
+        while not select.select([second.proc.stdout], [], [], 0.01)[0]:
+            publisher.send(Health("bench.probe", 0, time.monotonic_ns(), {}))
+            assert time.monotonic() < deadline + 20, "subscriber process never started"
+        assert second.line() == "ready"
+        for seq in (2, 3):
+            image = publisher.loan("camera.test", SHAPE)
+            image[...] = expected_image(seq)
+            publisher.send(Frame("camera.test", seq, time.monotonic_ns(), image))
+            del image
+        assert second.line() == "holding"  # frame 2; frame 3 it never reads
+        second.proc.send_signal(signal.SIGKILL)
+        second.proc.wait(10)
+        written = time.monotonic()
+        kept = publisher.loan("camera.test", SHAPE)  # frame 3's slot, lent and kept
+        assert in_shared_memory(kept)
+        with pytest.raises(RingFull):
+            publisher.loan("camera.test", SHAPE)  # frame 2's: its holder is dead, lease runs
+        assert time.monotonic() - written < lease_s
+        time.sleep(lease_s)
+        assert in_shared_memory(publisher.loan("camera.test", SHAPE))
+        second.kill()
+    finally:
+        holder.kill()
+        publisher.close()
+
+
+def test_a_loan_that_may_wait_goes_at_the_slowest_subscribers_pace(
+        context: zmq.Context, tmp_path: Path) -> None:
+    """Back-pressure on request: a publisher whose loans may wait rewrites only slots whose
+    frame every subscriber took, so a slow subscriber loses nothing."""
+    from fusion_node.protocol import Health
+
+    endpoint = f"ipc://{tmp_path}/paced.ipc"
+    publisher = Publisher(context, endpoint, hwm=1000, shm=ShmConfig(slots=8))
+    slow = SubscriberProcess(endpoint, hold_ms=5, idle_ms=1000)
+    try:
+        deadline = time.monotonic() + 20
+        assert slow.proc.stdout is not None
+        while not select.select([slow.proc.stdout], [], [], 0.01)[0]:
+            publisher.send(Health("bench.probe", 0, time.monotonic_ns(), {}))
+            assert time.monotonic() < deadline, "subscriber process never started"
+        assert slow.line() == "ready"
+        for seq in range(100):  # flat out: 100 frames far faster than 5 ms each
+            image = publisher.loan("camera.test", SHAPE, wait_ms=5000)
+            image[...] = expected_image(seq)
+            publisher.send(Frame("camera.test", seq, time.monotonic_ns(), image))
+            del image
+            if seq == 0:  # a subscriber paces the publisher from the first frame it takes
+                time.sleep(0.2)
+        result = json.loads(slow.line())
+        assert result == {"received": 100, "overwritten": 0, "dropped": 0, "rejected": {}}
+    finally:
+        slow.kill()
+        publisher.close()
+
+
+def test_a_subscriber_beyond_the_release_rows_gets_checked_copies() -> None:
+    writer = ShmWriter(ShmConfig(slots=2, subscribers=1))
+    first, second = ShmReader(), ShmReader()
+    try:
+        parts = writer.wrap(encode(Frame("camera.test", 1, 1, expected_image(1))))
+        held = decode(parts, 0, first)  # takes the only row: a view, holding its slot
+        copy = decode(parts, 0, second)  # no row left: a copy, checked after it was made
+        assert in_shared_memory(held.image) and not in_shared_memory(copy.image)
+        assert (first.copied, second.copied) == (0, 1)
+        np.testing.assert_array_equal(copy.image, expected_image(1))
+        assert not copy.image.flags.writeable
+        del copy  # holds nothing: the slot stays held by the first reader alone
+        lease = first.last_lease
+        assert lease is not None
+        for seq in (2, 3, 4):  # all through the other slot, again and again
+            assert len(writer.wrap(encode(Frame("camera.test", seq, 1,
+                                                expected_image(seq))))) == 2
+        assert writer.fallbacks == 0 and lease.valid()
+        np.testing.assert_array_equal(held.image, expected_image(1))
+    finally:
+        writer.close()

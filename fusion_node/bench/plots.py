@@ -25,7 +25,7 @@ PLOTTED_BENCHES = ("transport", "pipeline", "engines", "scale")
 EVAL_CURVES = (("audio_only", "audio only"), ("video_only", "video only"),
                ("audio_video", "audio + video"))
 _PATH_COLOURS = {"raw": "tab:grey", "ours": "tab:blue", "shm": "tab:green",
-                 "shm_loan": "tab:olive"}
+                 "shm_loan": "tab:olive", "zenoh_shm": "tab:red"}
 
 
 def _pyplot() -> Any:
@@ -112,7 +112,7 @@ def plot_transport(result: dict[str, Any], samples: dict[str, Any], out_dir: Pat
             _histogram_and_cdf(axes[row][0], axes[row][1],
                                {path: _us(values) for path, values in by_path.items()},
                                f"{label} frame, {subs.replace('_', ' ')}")
-        fig.suptitle("frames: raw pyzmq, protocol, shared memory")
+        fig.suptitle("frames: raw pyzmq, protocol inline, shared memory, Zenoh SHM")
         fig.tight_layout()
         written.append(_save(fig, out_dir / "transport_frames.png"))
     return written

@@ -1,4 +1,4 @@
-"""`fusion-node record`, `replay`, `log info`, `log recover` and `bench record`.
+"""`fusion-node record`, `replay`, `log info`, `log recover`, `log export` and `bench record`.
 
 Recording has two modes:
   - without `--endpoint`, `record OUT.mcap` runs the node (the embedded default, or
@@ -7,6 +7,7 @@ Recording has two modes:
     `node.health` as it published them, with the node's own receive times;
   - with `--endpoint E ...`, it subscribes to running publishers (a node's `--pub`, drivers'
     endpoints) and records the bytes it receives, with its own receive times.
+`replay` also takes a rosbag2 (fusion_node.ros2.rosbag2), and `log export --ros2` writes one.
 Heavy modules (mcap, the node, the engines) are imported by the handlers, not here.
 """
 
@@ -55,7 +56,11 @@ def add_log_parsers(commands: Any) -> None:
 
     replay = commands.add_parser(
         "replay", help="publish a log in time, or run the engines over it deterministically")
-    replay.add_argument("log", metavar="LOG.mcap")
+    replay.add_argument("log", metavar="LOG.mcap",
+                        help="a fusion-node log, or a rosbag2 (bag folder, .mcap or .db3) of "
+                        "camera, audio and joint topics, read as the launch file's [replay] "
+                        "ros2 table and ros2 drivers map them; its header stamps are the "
+                        "sensor times")
     pace = replay.add_mutually_exclusive_group()
     pace.add_argument("--rate", type=float, default=1.0,
                       help="publish at this multiple of the recorded speed (default 1)")
@@ -90,6 +95,18 @@ def add_log_parsers(commands: Any) -> None:
     info = actions.add_parser("info", help="topics, counts, rates, duration, gaps, drops")
     info.add_argument("log", metavar="LOG.mcap")
     info.add_argument("--json", action="store_true", help="one JSON object")
+    export = actions.add_parser(
+        "export", help="write a log as a rosbag2 (MCAP storage, ros2msg schemas, CDR)",
+        description="Every sensor message, prediction and node.health of the log, as ROS 2 "
+        "messages (sensor_msgs Image and JointState, diagnostic_msgs DiagnosticArray, "
+        "fusion_node_msgs for audio and predictions), each at its sensor time.")
+    export.add_argument("log", metavar="LOG.mcap")
+    export.add_argument("--ros2", required=True, metavar="OUT",
+                        help="the bag to write: a bag folder (metadata.yaml + OUT.mcap), or "
+                        "one MCAP file if OUT ends in .mcap")
+    export.add_argument("--compression", choices=("zstd", "none"), default="zstd",
+                        help="MCAP chunk compression (default zstd; raw images are large)")
+    add_force(export)
     recover = actions.add_parser("recover", help="copy every whole chunk of a broken log "
                                  "into a complete, indexed one")
     recover.add_argument("broken", metavar="BROKEN.mcap")
@@ -155,16 +172,19 @@ def _record_endpoints(args: argparse.Namespace) -> int:
     return 0
 
 
-def _replay_through_node(args: argparse.Namespace) -> int:
+def _replay_through_node(args: argparse.Namespace, log: str | None = None,
+                         config_and_source: tuple[Any, str] | None = None) -> int:
+    """`replay --through-node`; `log` is what to read when it is not `args.log` (a rosbag2
+    converted to a log)."""
     from fusion_node.clock import MonotonicClock
     from fusion_node.logs.replay import replay_config, replay_through_node
 
     clock = MonotonicClock()
-    config, source = replay_config(args.log, args.config)
+    config, source = config_and_source or replay_config(args.log, args.config)
     started_ns = clock.now_ns()
-    result = replay_through_node(args.log, config, out_path=args.out, verify=args.verify,
+    result = replay_through_node(log or args.log, config, out_path=args.out, verify=args.verify,
                                  tolerance=args.tolerance, timing=args.timing,
-                                 config_source=source)
+                                 config_source=source, log_name=args.log)
     wall_s = (clock.now_ns() - started_ns) / 1e9
     log_s = result.log_duration_ns / 1e9
     print(json.dumps({"log": args.log, "config": source, "timing": result.timing,
@@ -179,7 +199,31 @@ def _replay_through_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def _publish(args: argparse.Namespace) -> int:
+def _replay_rosbag2(args: argparse.Namespace, through_node: bool) -> int:
+    """`replay BAG`: the bag's mapped topics are written into a temporary fusion-node log,
+    which is then replayed like any other (one replay engine, the same determinism)."""
+    import os
+    import tempfile
+
+    from fusion_node.config import load_config
+    from fusion_node.ros2.rosbag2 import bag_to_log, input_streams, replay_topics
+
+    config = load_config(args.config)
+    source = args.config or "the embedded default"
+    with tempfile.TemporaryDirectory(prefix="fusion-node-rosbag2-") as folder:
+        log = os.path.join(folder, "converted.mcap")
+        counts = bag_to_log(args.log, log, input_streams(config), *replay_topics(config))
+        print(f"fusion-node replay: read {json.dumps(counts)} from rosbag2 {args.log}",
+              file=sys.stderr, flush=True)
+        try:
+            if through_node:
+                return _replay_through_node(args, log, (config, source))
+            return _publish(args, log)
+        except ReplayError as exc:  # name the bag, not the temporary copy
+            raise ReplayError(str(exc).replace(log, args.log)) from None
+
+
+def _publish(args: argparse.Namespace, log: str | None = None) -> int:
     import zmq
 
     from fusion_node.clock import MonotonicClock
@@ -194,7 +238,7 @@ def _publish(args: argparse.Namespace) -> int:
         with stop_on_signals(stop):
             stop.wait(args.start_delay)  # ZeroMQ drops what is sent before a subscriber joins
             started_ns = clock.now_ns()
-            stats = publish_log(args.log, publisher.send_parts, clock, rate=args.rate,
+            stats = publish_log(log or args.log, publisher.send_parts, clock, rate=args.rate,
                                 fast=args.fast, loop=args.loop, topics=args.topics, stop=stop)
             wall_s = (clock.now_ns() - started_ns) / 1e9
     finally:
@@ -222,8 +266,14 @@ def run_log_command(args: argparse.Namespace,
         asyncio.run(run_node(args))
         return 0
     if args.command == "replay":
-        if args.through_node or args.verify or args.out:
+        from fusion_node.ros2.rosbag2 import is_rosbag2
+
+        through_node = bool(args.through_node or args.verify or args.out)
+        if through_node:
             check_output(args.out, args.force, "replay --out")
+        if is_rosbag2(args.log):
+            return _replay_rosbag2(args, through_node)
+        if through_node:
             return _replay_through_node(args)
         return _publish(args)
     if args.log_command == "info":
@@ -231,6 +281,15 @@ def run_log_command(args: argparse.Namespace,
 
         info = log_info(args.log)
         print(json.dumps(info) if args.json else format_info(info))
+        return 0
+    if args.log_command == "export":
+        from fusion_node.ros2.rosbag2 import export_log
+
+        export = export_log(args.log, args.ros2, force=args.force,
+                            compression=args.compression)
+        print(json.dumps({"log": args.log, "ros2": export.out, "messages": export.messages,
+                          "duration_s": round(export.duration_ns / 1e9, 3),
+                          "topics": export.topics}))
         return 0
     from fusion_node.logs.inspect import recover
 

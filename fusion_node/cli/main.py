@@ -164,7 +164,12 @@ async def _run_node(args: argparse.Namespace) -> None:
         config = with_record(config, args)
     if config.record is not None:  # --record, or the launch file's [record] table
         check_output(config.record.path, config.record.overwrite, "record path")
-    node = Node(config)
+    observers = []
+    if config.view.foxglove is not None:  # serving before anything starts: a port in use fails
+        from fusion_node.view.foxglove_live import FoxgloveServer
+
+        observers.append(FoxgloveServer(*config.view.foxglove, config))
+    node = Node(config, observers=observers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # On stderr: stdout stays for what scripts read. The live line only on a terminal: in a

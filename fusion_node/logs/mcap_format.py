@@ -17,8 +17,10 @@ A log is an MCAP file (https://mcap.dev) holding:
   - preview channels `preview/<topic>` in Foxglove's well-known JSON schemas so that Foxglove
     shows the camera and plays the audio: `foxglove.RawImage` at half resolution and at most
     `preview_hz`, `foxglove.RawAudio` as pcm-s16. They are for viewing; replay ignores them;
-  - metadata `fusion_node.recording` (protocol version, source, launch config, model hashes)
-    at the start and `fusion_node.recording_end` (counts, drops) when the recorder finishes.
+  - metadata `fusion_node.recording` (protocol version, source, launch config, model hashes,
+    and from a live recording `wall_clock`: a monotonic↔wall time pair for display,
+    `fusion_node.clock.WallClockMapping`) at the start and `fusion_node.recording_end`
+    (counts, drops) when the recorder finishes.
 
 Chunks are bounded in size and closed at least every `flush_interval_ns`, so a recorder that
 dies loses only the chunk it had in memory; `fusion-node log recover` gets everything else.
@@ -67,6 +69,7 @@ PREVIEW_PREFIX = "preview/"
 PREVIEW_OF_KEY = "fusion_node.preview_of"  # channel metadata naming the previewed topic
 RECORDING_METADATA = "fusion_node.recording"  # a format name: old logs carry it
 RECORDING_END_METADATA = "fusion_node.recording_end"
+WALL_CLOCK_KEY = "wall_clock"  # in RECORDING_METADATA: WallClockMapping.to_json()
 PREVIEW = "preview"
 WINDOW_CUT = "window_cut"
 WINDOW_CUTS_TOPIC = "node.window_cuts"
@@ -81,7 +84,7 @@ MCAP_MAGIC = b"\x89MCAP0\r\n"
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_FLUSH_INTERVAL_NS = 1_000_000_000
 DEFAULT_PREVIEW_HZ = 10.0
-_PREVIEW_STRIDE = 2  # half resolution: enough to see the scene, a quarter of the bytes
+PREVIEW_STRIDE = 2  # half resolution: enough to see the scene, a quarter of the bytes
 
 _TIME_SCHEMA = {"type": "object", "title": "time", "properties": {
     "sec": {"type": "integer", "minimum": 0},
@@ -323,9 +326,9 @@ class LogWriter:
             due = self._next_preview_ns.get(msg.stream)
             if due is None or msg.t_capture_ns >= due:
                 self._next_preview_ns[msg.stream] = msg.t_capture_ns + self._preview_period_ns
-                self._preview(msg, log_time_ns, *_image_preview(msg))
+                self._preview(msg, log_time_ns, *image_preview(msg, msg.t_capture_ns))
         elif isinstance(msg, AudioChunk):
-            self._preview(msg, log_time_ns, *_audio_preview(msg))
+            self._preview(msg, log_time_ns, *audio_preview(msg, msg.t_capture_ns))
 
     def write_cut(self, cut: WindowCut, t_cut_ns: int) -> None:
         """Record that the window of `cut` was cut at `t_cut_ns`."""
@@ -347,9 +350,7 @@ class LogWriter:
             schema_id = self._schema(schema["title"], "jsonschema", json.dumps(schema).encode())
             channel_id = self._previews[msg.stream] = self._writer.register_channel(
                 PREVIEW_PREFIX + msg.stream, "json", schema_id, {PREVIEW_OF_KEY: msg.stream})
-        # Base64 needs no JSON escaping: json.dumps of the MB-sized string held the GIL 1 ms.
-        text = json.dumps(body)[:-1].encode() + b', "data": "' + base64.b64encode(data) + b'"}'
-        self._writer.add_message(channel_id, _uint64(log_time_ns), text,
+        self._writer.add_message(channel_id, _uint64(log_time_ns), preview_json(body, data),
                                  _uint64(msg.t_capture_ns), msg.seq & 0xFFFFFFFF)
 
     def flush_if_due(self, now_ns: int) -> None:
@@ -379,22 +380,28 @@ class LogWriter:
         self._chunk_indexes.close()
 
 
-def _image_preview(frame: Frame) -> tuple[dict[str, Any], bytes]:
-    """A foxglove.RawImage (without its data) and its pixels."""
-    image = np.ascontiguousarray(frame.image[::_PREVIEW_STRIDE, ::_PREVIEW_STRIDE])
+def preview_json(body: dict[str, Any], data: bytes) -> bytes:
+    """A preview `body` as JSON with `data` added as its base64 "data" field."""
+    # Base64 needs no JSON escaping: json.dumps of the MB-sized string held the GIL 1 ms.
+    return json.dumps(body)[:-1].encode() + b', "data": "' + base64.b64encode(data) + b'"}'
+
+
+def image_preview(frame: Frame, stamp_ns: int) -> tuple[dict[str, Any], bytes]:
+    """A foxglove.RawImage (without its data) stamped `stamp_ns`, and its pixels."""
+    image = np.ascontiguousarray(frame.image[::PREVIEW_STRIDE, ::PREVIEW_STRIDE])
     height, width, channels = image.shape
-    return {"timestamp": _stamp(frame.t_capture_ns), "frame_id": frame.stream,
+    return {"timestamp": _stamp(stamp_ns), "frame_id": frame.stream,
             "width": width, "height": height, "encoding": frame.encoding,
             "step": width * channels}, image.tobytes()
 
 
-def _audio_preview(chunk: AudioChunk) -> tuple[dict[str, Any], bytes]:
-    """A foxglove.RawAudio (without its data) and its pcm-s16 samples."""
+def audio_preview(chunk: AudioChunk, stamp_ns: int) -> tuple[dict[str, Any], bytes]:
+    """A foxglove.RawAudio (without its data) stamped `stamp_ns`, and its pcm-s16 samples."""
     samples = chunk.samples
     if samples.dtype != np.int16:  # float32 at full scale ±1.0
         samples = np.clip(np.round(samples * 32767.0), -32768, 32767)
     pcm = np.ascontiguousarray(samples, dtype="<i2")
-    return {"timestamp": _stamp(chunk.t_capture_ns), "format": "pcm-s16",
+    return {"timestamp": _stamp(stamp_ns), "format": "pcm-s16",
             "sample_rate": chunk.sample_rate,
             "number_of_channels": samples.shape[1]}, pcm.tobytes()
 

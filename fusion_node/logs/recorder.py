@@ -17,13 +17,14 @@ from typing import Any
 import zmq
 
 from fusion_node.alignment import DEFAULT_MAX_FUTURE_NS, AlignmentBuffer, InputSpec, Window
-from fusion_node.clock import Clock, thread_cpu_ns
+from fusion_node.clock import Clock, MonotonicClock, measure_wall_clock, thread_cpu_ns
 from fusion_node.errors import ProtocolError, ReplayError
 from fusion_node.host.threads import raise_thread_niceness
 from fusion_node.logs.mcap_format import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_FLUSH_INTERVAL_NS,
     DEFAULT_PREVIEW_HZ,
+    WALL_CLOCK_KEY,
     LogWriter,
     WindowCut,
     topic_matches,
@@ -49,7 +50,8 @@ _RECV_TIMEOUT_MS = 100
 _SUBSCRIBER_HWM = 1000
 
 
-def _nbytes(msg: Message | WindowCut) -> int:
+def queued_nbytes(msg: Message | WindowCut) -> int:
+    """About how much memory `msg` holds while it waits in a queue."""
     if isinstance(msg, WindowCut):
         return 64
     if isinstance(msg, Frame):
@@ -64,7 +66,7 @@ def _nbytes(msg: Message | WindowCut) -> int:
 
 
 
-def _owned(msg: Message | WindowCut) -> Message | WindowCut:
+def owned(msg: Message | WindowCut) -> Message | WindowCut:
     """`msg` with arrays that view a shared-memory ring copied: a queued frame may wait
     longer than the ring's lease, after which its slot is rewritten."""
     if isinstance(msg, Frame) and in_shared_memory(msg.image):
@@ -94,6 +96,9 @@ class Recorder:
                  max_queue_bytes: int = DEFAULT_QUEUE_BYTES,
                  max_queue_messages: int = DEFAULT_QUEUE_MESSAGES,
                  overwrite: bool = False) -> None:
+        if isinstance(clock, MonotonicClock):
+            # Lets viewers show this log's monotonic stamps as wall time (Foxglove).
+            metadata = {WALL_CLOCK_KEY: measure_wall_clock().to_json(), **(metadata or {})}
         # Opened here, so that a bad path fails at start-up in the caller's thread.
         self._writer = LogWriter(path, compression=compression, chunk_size=chunk_size,
                                  preview_hz=preview_hz, flush_interval_ns=flush_interval_ns,
@@ -138,8 +143,8 @@ class Recorder:
             raise ValueError("a window cut needs its log time")
         else:
             t_ns = msg.t_receive_ns
-        msg = _owned(msg)
-        size = _nbytes(msg)
+        msg = owned(msg)
+        size = queued_nbytes(msg)
         with self._lock:
             if not self._accepting:
                 if self.error:

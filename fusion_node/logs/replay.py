@@ -265,7 +265,8 @@ class _Replay:
 def replay_through_node(path: str, config: NodeConfig, *, out_path: str | None = None,
                         verify: bool = False, tolerance: float = 0.0, timing: str = "log",
                         config_source: str = "",
-                        build_runners: BuildRunners | None = None) -> ReplayResult:
+                        build_runners: BuildRunners | None = None,
+                        log_name: str | None = None) -> ReplayResult:
     """Run the configured engines over the log on a replay clock; write their predictions to
     `out_path` and, with `verify`, compare them with the predictions the log holds: bit for
     bit, or with floats allowed to differ by up to `tolerance` (absolute).
@@ -280,6 +281,8 @@ def replay_through_node(path: str, config: NodeConfig, *, out_path: str | None =
         traces give. Engines with neither run on the schedule.
       - "schedule": as an ideal node would: every tick at t_ref + align_delay from the first
         one, every prediction fed back at its deadline.
+    `log_name` is what the output's metadata names as the replayed log (default `path`: a
+    rosbag2 replays through a converted copy, and the output names the bag).
     """
     if timing not in TIMINGS:
         raise ReplayError(f"replay timing {timing!r} is not one of {TIMINGS}")
@@ -333,7 +336,8 @@ def replay_through_node(path: str, config: NodeConfig, *, out_path: str | None =
         writer = None
         if out_path is not None:
             writer = LogWriter(out_path, preview_hz=0, metadata={
-                "source": "replay", "replayed_log": path, "config_source": config_source,
+                "source": "replay", "replayed_log": log_name or path,
+                "config_source": config_source,
                 "timing": timing,
                 "model_hashes": json.dumps({r.topic: r.engine.model_hash for r in runners})})
         replay = _Replay(runners, ticks, logged, clock, buffer, sink, writer)

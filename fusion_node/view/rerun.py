@@ -340,11 +340,9 @@ def open_recording(save: str | None, connect: str | None, recording_id: str | No
 
 
 def _kind_of_topics(config: NodeConfig) -> dict[str, list[str]]:
-    from fusion_node.config import DRIVER_KIND_TO_SAMPLE
-
     kinds: dict[str, list[str]] = {"frame": [], "audio": [], "joints": []}
     for driver in config.drivers:
-        kinds.setdefault(DRIVER_KIND_TO_SAMPLE[driver.kind], []).append(driver.stream)
+        kinds.setdefault(driver.sample_kind, []).append(driver.stream)
     for stream in config.streams:
         kinds.setdefault(stream.kind, []).append(stream.name)
     return kinds

@@ -20,6 +20,8 @@ VALID = {
     "sim_microphone": ({"seed": 3}, "SimulatedMicrophone"),
     "sim_joints": ({}, "SimulatedJoints"),
     "sim_arm": ({"camera_fps": 10, "layout_seed": 4}, "SimulatedArm"),
+    "ros2": ({"topic": "/camera/front/image_raw", "type": "sensor_msgs/msg/Image",
+              "domain_id": 7}, "Ros2Subscriber"),
 }
 
 
@@ -50,6 +52,14 @@ def test_creates_each_kind(kind):
     ("wav", "audio.file", {"path": "a.wav", "chunk_ms": 0}, "chunk_ms is 0"),
     ("sim_microphone", "audio.sim", {"seed": 1.0}, "'seed' is 1.0, expected int or null"),
     ("microphone", "audio.mic", {"sample_rate": 16000.0}, "'sample_rate' is 16000.0"),
+    ("ros2", "camera.ros", {"topic": "/cam", "type": "sensor_msgs/msg/Imu"},
+     "type 'sensor_msgs/msg/Imu' is not one of"),
+    ("ros2", "camera.ros", {"topic": "cam/image", "type": "sensor_msgs/msg/Image"},
+     "'cam/image' must be absolute"),
+    ("ros2", "camera.ros", {"topic": "/cam", "type": "sensor_msgs/msg/Image", "domain_id": 300},
+     "domain_id 300 must be an integer from 0 to 232"),
+    ("ros2", "camera.ros", {"topic": "/cam", "type": "sensor_msgs/msg/Image",
+                            "stamp_clock": "gps"}, "stamp_clock 'gps' is not one of"),
 ])
 def test_bad_input_is_a_config_error_naming_it(kind, stream, config, match):
     with pytest.raises(ConfigError, match=match):
@@ -58,7 +68,7 @@ def test_bad_input_is_a_config_error_naming_it(kind, stream, config, match):
 
 def test_importing_registry_loads_no_device_libraries():
     code = ("import sys, drivers, drivers.registry, drivers.process; "
-            "print(sorted({'cv2', 'sounddevice'} & set(sys.modules)))")
+            "print(sorted({'cv2', 'sounddevice', 'cyclonedds'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"

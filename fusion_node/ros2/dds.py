@@ -53,8 +53,8 @@ from rosbags.typesys.store import Typestore
 
 from fusion_node.errors import ConfigError, FusionError, ProtocolError
 from fusion_node.host.threads import raise_thread_niceness
-from fusion_node.protocol import AudioChunk, Frame, JointState, Message
-from fusion_node.shm import in_shared_memory
+from fusion_node.logs.recorder import owned
+from fusion_node.protocol import Message
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ class DdsBridge:
         if topic is None:
             return False
         if topic.sensor:
-            msg = _owned(msg)
+            msg = owned(msg)  # type: ignore[assignment]  # the recorder's copy rule
         with self._changed:
             if self._stopping:
                 return False
@@ -423,19 +423,6 @@ class DdsBridge:
                 "queued": len(self._queue), "max_queued": self.max_queued,
                 "queue_size": self._queue_size, "matched_readers": matched,
                 "max_write_ms": round(self.max_write_ns / 1e6, 3), "priority": self.priority}
-
-
-def _owned(msg: Message) -> Message:
-    """`msg` with arrays that view a shared-memory ring copied: a queued frame may wait past
-    the ring's lease, after which its slot is rewritten."""
-    if isinstance(msg, Frame) and in_shared_memory(msg.image):
-        return dataclasses.replace(msg, image=msg.image.copy())
-    if isinstance(msg, AudioChunk) and in_shared_memory(msg.samples):
-        return dataclasses.replace(msg, samples=msg.samples.copy())
-    if isinstance(msg, JointState) and in_shared_memory(msg.position):
-        return dataclasses.replace(msg, position=msg.position.copy(),
-                                   velocity=msg.velocity.copy(), effort=msg.effort.copy())
-    return msg
 
 
 # -- command line: echo a ROS 2 topic, or be a simulated ROS 2 robot ---------------------------

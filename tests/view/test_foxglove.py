@@ -46,7 +46,10 @@ def test_the_wall_clock_pair_is_the_tightest_bracket_and_round_trips():
 
 def test_a_live_recording_exports_in_wall_time(tmp_path):
     log = tmp_path / "live.mcap"
-    recorder = Recorder(str(log), MonotonicClock(), metadata={"source": "test"})
+    # The sample's frames (155 MB decoded) are offered faster than a loaded writer drains
+    # them: the queue holds them all, so that no frame is dropped and the export is whole.
+    recorder = Recorder(str(log), MonotonicClock(), metadata={"source": "test"},
+                        max_queue_bytes=512 << 20)
     recorder.start()
     with LogReader(SAMPLE) as reader:
         for message in reader.messages():

@@ -21,16 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from fusion_node.protocol import AudioChunk, Frame, JointState, Message
+from fusion_node.protocol import AudioChunk, Frame, JointState, Message, SeqCounter
 
 # The same sample delivered twice (a republished log, a reconnect) is dropped, not stored.
 _Key = tuple[int, int]
 # A sample may be stamped this far after its receipt (a remote clock's mapping error, a
 # calibrated delay): local drivers stamp at capture, before receipt, so 0 would do for them.
 DEFAULT_MAX_FUTURE_NS = 200_000_000
-# A seq step larger than this, either way, is a restart of the sender, not lost samples:
-# 2^20 is over 8 minutes of a 2 kHz stream.
-_SEQ_JUMP = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -129,18 +126,24 @@ class Window:
 class StreamStats:
     """Per-stream counters. `evicted` is normal rotation of a full ring; samples actually
     lost are `too_old` (arrived older than anything kept), `too_new` (stamped further in the
-    future than the buffer allows), `seq_gaps` (lost upstream) and `duplicates` (delivered
-    twice, kept once). `seq_restarts` counts jumps in seq too large to be losses."""
+    future than the buffer allows), `seq.gaps` (lost upstream) and `duplicates` (delivered
+    twice, kept once); `seq.restarts` counts the sender starting its seq again."""
 
     received: int = 0
     evicted: int = 0
     duplicates: int = 0
     too_old: int = 0
     too_new: int = 0
-    seq_gaps: int = 0
-    seq_restarts: int = 0
-    last_seq: int = -1
     last_capture_ns: int = 0
+    seq: SeqCounter = field(default_factory=SeqCounter)
+
+    def summary(self) -> dict[str, int]:
+        """The counters, flat: health's per-stream entry."""
+        return {"received": self.received, "evicted": self.evicted,
+                "duplicates": self.duplicates, "too_old": self.too_old,
+                "too_new": self.too_new, "seq_gaps": self.seq.gaps,
+                "seq_restarts": self.seq.restarts, "last_seq": self.seq.last,
+                "last_capture_ns": self.last_capture_ns}
 
 
 class _Ring:
@@ -215,19 +218,6 @@ class _SampleRing:
         return out, valid
 
 
-def _note_seq(stats: StreamStats, seq: int) -> None:
-    """Count the samples lost upstream between the last seq and this one."""
-    step = seq - stats.last_seq
-    if stats.last_seq < 0:
-        stats.last_seq = seq
-    elif abs(step) > _SEQ_JUMP:
-        stats.seq_restarts += 1
-        stats.last_seq = seq
-    elif step > 0:
-        stats.seq_gaps += step - 1
-        stats.last_seq = seq
-
-
 class AlignmentBuffer:
     """Thread-safe: a receiver thread pushes while engine threads take windows.
 
@@ -270,7 +260,7 @@ class AlignmentBuffer:
             if received_ns and msg.t_capture_ns - received_ns > self.max_future_ns:
                 stats.too_new += 1
                 return False, None
-            _note_seq(stats, msg.seq)
+            stats.seq.note(msg.seq)
             stats.last_capture_ns = max(stats.last_capture_ns, msg.t_capture_ns)
             index = bisect.bisect_left(ring.keys, key)
             if index < len(ring.keys) and ring.keys[index] == key:

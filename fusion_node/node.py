@@ -596,7 +596,7 @@ class Node:
         elapsed_s = (now - last_ns) / 1e9 if last_ns else 0.0
         streams = {}
         for stream, stats in self.buffer.stats.items():
-            entry = dict(vars(stats))
+            entry = stats.summary()
             previous = last_counts.get(stream, 0)
             entry["rate_hz"] = round((stats.received - previous) / elapsed_s, 2) \
                 if elapsed_s else 0.0

@@ -43,6 +43,33 @@ Part = bytes | memoryview
 Buffer = Any  # bytes, memoryview or zmq.Frame
 
 
+# A seq step larger than this is the sender restarting, not lost messages: 2^20 is over 8
+# minutes of a 2 kHz stream.
+SEQ_JUMP = 1 << 20
+
+
+@dataclass(slots=True)
+class SeqCounter:
+    """Messages lost upstream, read from one stream's `seq` (one more per message). A step
+    back, or forward by more than SEQ_JUMP, is the sender restarting (a respawned driver
+    counts from 0 again); the same seq again is a repeat and counts nothing."""
+
+    first: int = -1
+    last: int = -1
+    gaps: int = 0
+    restarts: int = 0
+
+    def note(self, seq: int) -> None:
+        step = seq - self.last
+        if self.last < 0:
+            self.first = seq
+        elif step < 0 or step > SEQ_JUMP:
+            self.restarts += 1
+        elif step > 1:
+            self.gaps += step - 1
+        self.last = seq
+
+
 @dataclass(slots=True)
 class Frame:
     """One camera image, HxWxC uint8, stamped at capture."""

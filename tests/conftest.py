@@ -18,20 +18,29 @@ from fusion_node.scheduling import TickGrid
 from fusion_node.transport import Subscriber
 
 # The simulated sensors' [[drivers]] tables, for launch files written by tests.
-SIM_MICROPHONE_AND_JOINTS = """
+SIM_CAMERA = """
+[[drivers]]
+kind = "sim_camera"
+stream = "camera.front"
+"""
+SIM_MICROPHONE = """
 [[drivers]]
 kind = "sim_microphone"
 stream = "audio.mic0"
-
+"""
+SIM_JOINTS = """
 [[drivers]]
 kind = "sim_joints"
 stream = "joints.arm"
 """
-SIM_SENSORS = """
-[[drivers]]
-kind = "sim_camera"
-stream = "camera.front"
-""" + SIM_MICROPHONE_AND_JOINTS
+SIM_MICROPHONE_AND_JOINTS = SIM_MICROPHONE + SIM_JOINTS
+SIM_SENSORS = SIM_CAMERA + SIM_MICROPHONE_AND_JOINTS
+
+
+def external_stream(name: str, kind: str, endpoint: str) -> str:
+    """Launch-file tables for a stream the node subscribes to at `endpoint`: a publisher
+    outside the node (a fault process, a robot controller) stands in for its driver."""
+    return f'[node]\nconnect = ["{endpoint}"]\n\n[[streams]]\nname = "{name}"\nkind = "{kind}"\n'
 
 ENGINES = """
 [[engines]]

@@ -223,7 +223,7 @@ def test_sequence_gaps_are_counted():
     chunks = audio_chunks(10)
     for c in chunks[:3] + chunks[6:]:
         buf.push(c)
-    assert buf.stats["audio.mic"].seq_gaps == 3
+    assert buf.stats["audio.mic"].seq.gaps == 3
 
 
 @pytest.mark.parametrize("recording", [False, True])
@@ -294,8 +294,19 @@ def test_a_jump_in_seq_is_one_restart_not_a_flood_of_gaps():
         buf.push(sample)
     stats = buf.stats["joints.arm"]
     # There and back: two restarts; the good samples' count goes on from their own seq.
-    assert stats.seq_restarts == 2 and stats.seq_gaps == 0 and stats.last_seq == 5
+    assert stats.seq.restarts == 2 and stats.seq.gaps == 0 and stats.seq.last == 5
     more = joints(9)[7:]  # seqs 7, 8: one lost upstream
     for sample in more:
         buf.push(sample)
-    assert stats.seq_gaps == 1 and stats.seq_restarts == 2
+    assert stats.seq.gaps == 1 and stats.seq.restarts == 2
+
+
+def test_a_respawned_sender_counting_from_zero_is_a_restart_and_its_losses_count_at_once():
+    buf = buffer()
+    first_run = joints(6)
+    second_run = joints(4, t0=first_run[-1].t_capture_ns + 100 * MS)  # seq 0 to 3 again
+    del second_run[2]  # seq 2 lost upstream
+    for sample in first_run + second_run:
+        buf.push(sample)
+    stats = buf.stats["joints.arm"]
+    assert stats.seq.restarts == 1 and stats.seq.gaps == 1 and stats.seq.last == 3

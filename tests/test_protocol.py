@@ -21,12 +21,14 @@ from fusion_node.protocol import (
     MAX_HEADER_BYTES,
     MAX_PAYLOAD_BYTES,
     MAX_PAYLOAD_PARTS,
+    SEQ_JUMP,
     AudioChunk,
     Frame,
     Health,
     JointState,
     Message,
     Prediction,
+    SeqCounter,
     decode,
     encode,
 )
@@ -504,3 +506,15 @@ def test_subscriber_counts_bad_messages_and_keeps_receiving(context: zmq.Context
     finally:
         subscriber.close()
         publisher.close()
+
+
+def test_the_seq_counter_tells_losses_from_restarts_and_repeats():
+    counter = SeqCounter()
+    for seq in (4, 5, 8, 8, 9):  # 6 and 7 lost, 8 delivered twice
+        counter.note(seq)
+    assert (counter.first, counter.last, counter.gaps, counter.restarts) == (4, 9, 2, 0)
+    for seq in (0, 1, 3):  # a respawned sender counts from 0 again; 2 lost
+        counter.note(seq)
+    assert (counter.last, counter.gaps, counter.restarts) == (3, 3, 1)
+    counter.note(3 + SEQ_JUMP + 1)  # a jump no stream makes by losing messages
+    assert (counter.gaps, counter.restarts) == (3, 2)

@@ -32,7 +32,7 @@ from fusion_node.logs.mcap_format import (
     classify_channel,
     is_complete,
 )
-from fusion_node.protocol import AudioChunk, Health
+from fusion_node.protocol import AudioChunk, Health, SeqCounter
 
 
 def _stop_reason(exc: Exception) -> str:
@@ -52,33 +52,25 @@ class _TopicStats:
     last_log_ns: int = 0
     first_capture_ns: int = 0
     last_capture_ns: int = 0
-    first_seq: int = -1
-    last_seq: int = -1
-    gaps: int = 0  # messages missing from the seq sequence
-    restarts: int = 0  # seq went backwards: the publisher restarted
     lost_samples: int = 0  # audio: samples missing from the sample_index sequence
     next_sample: int = -1
+    seq: SeqCounter = field(default_factory=SeqCounter)
 
     def add(self, message: LogMessage, seq: int, t_capture_ns: int) -> None:
         if self.count == 0:
-            self.first_log_ns, self.first_capture_ns, self.first_seq = (
-                message.log_time_ns, t_capture_ns, seq)
-        elif seq > self.last_seq + 1:
-            self.gaps += seq - self.last_seq - 1
-        elif seq <= self.last_seq:
-            self.restarts += 1
+            self.first_log_ns, self.first_capture_ns = message.log_time_ns, t_capture_ns
+        self.seq.note(seq)
         self.count += 1
         self.bytes += len(message.data)
-        self.last_log_ns, self.last_capture_ns, self.last_seq = (
-            message.log_time_ns, t_capture_ns, seq)
+        self.last_log_ns, self.last_capture_ns = message.log_time_ns, t_capture_ns
 
     def summary(self) -> dict[str, Any]:
         span_ns = self.last_capture_ns - self.first_capture_ns
         entry = {"kind": self.kind, "count": self.count,
                  # From capture times: the rate the source produced, without delivery jitter.
                  "rate_hz": round((self.count - 1) * 1e9 / span_ns, 3) if span_ns > 0 else None,
-                 "first_seq": self.first_seq, "last_seq": self.last_seq, "gaps": self.gaps,
-                 "restarts": self.restarts, "raw_mb": round(self.bytes / 2**20, 3)}
+                 "first_seq": self.seq.first, "last_seq": self.seq.last,
+                 "gaps": self.seq.gaps, "restarts": self.seq.restarts, "raw_mb": round(self.bytes / 2**20, 3)}
         if self.kind == "audio":
             entry["lost_samples"] = self.lost_samples
         return entry

@@ -194,24 +194,27 @@ def _from_traces(runner: EngineRunner, log: dict[int, tuple[Prediction, int]]) -
                else scheduled_ns), t_ref
 
 
+@dataclass
 class _Replay:
     """The event loop: ticks from one iterator per engine, deliveries from the sink."""
 
-    def __init__(self, runners: list[EngineRunner], ticks: list[Ticks], logged: set[int],
-                 clock: ReplayClock, buffer: AlignmentBuffer, sink: _ReplaySink,
-                 writer: LogWriter | None) -> None:
-        self.runners = runners
-        self.clock = clock
-        self.buffer = buffer
-        self.sink = sink
-        self.writer = writer
-        self.iterators = ticks
-        self.logged = logged  # runners whose ticks come from the log: a finite list
-        self.ticks: list[tuple[int, int, int]] = []  # (tick time, runner index, t_ref)
-        for index in range(len(runners)):
+    runners: list[EngineRunner]
+    iterators: list[Ticks]
+    logged: set[int]  # runners whose ticks come from the log: a finite list
+    clock: ReplayClock
+    buffer: AlignmentBuffer
+    sink: _ReplaySink
+    writer: LogWriter | None
+    ticks: list[tuple[int, int, int]] = field(init=False)  # (tick time, runner index, t_ref)
+    ticked: dict[str, set[int]] = field(init=False)
+    made: dict[str, dict[int, Prediction]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ticks = []
+        for index in range(len(self.runners)):
             self._next_tick(index)
-        self.ticked: dict[str, set[int]] = {r.topic: set() for r in runners}
-        self.made: dict[str, dict[int, Prediction]] = {r.topic: {} for r in runners}
+        self.ticked = {r.topic: set() for r in self.runners}
+        self.made = {r.topic: {} for r in self.runners}
 
     def _next_tick(self, index: int) -> None:
         tick = next(self.iterators[index], None)

@@ -31,7 +31,7 @@ import os
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +45,15 @@ from engines.vocabulary import COMMANDS
 from fusion_node.clock import MonotonicClock
 from fusion_node.config import NodeConfig
 from fusion_node.errors import ConfigError, FusionError
-from fusion_node.protocol import AudioChunk, Frame, Health, JointState, Message, Prediction
+from fusion_node.protocol import (
+    AudioChunk,
+    Frame,
+    Health,
+    JointState,
+    Message,
+    Prediction,
+    SeqCounter,
+)
 from fusion_node.view.common import (
     LATENCY_NAMES,
     SpeechView,
@@ -91,14 +99,19 @@ class ViewStats:
     """What the viewer received: counts, gaps in `seq`, late predictions, rejections."""
 
     received: Counter[str] = field(default_factory=Counter)
-    seq_gaps: Counter[str] = field(default_factory=Counter)
+    seq: defaultdict[str, SeqCounter] = field(default_factory=lambda: defaultdict(SeqCounter))
     late: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
     health_deadline_misses: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
 
+    @property
+    def seq_gaps(self) -> dict[str, int]:
+        """Messages lost upstream, per stream that lost any."""
+        return {stream: seq.gaps for stream, seq in self.seq.items() if seq.gaps}
+
     def summary(self) -> dict[str, Any]:
-        return {"received": dict(self.received), "seq_gaps": dict(self.seq_gaps),
+        return {"received": dict(self.received), "seq_gaps": self.seq_gaps,
                 "late_predictions": dict(self.late), "rejected": dict(self.rejected),
                 "node_deadline_misses": self.health_deadline_misses,
                 "wall_s": round(self.wall_s, 3)}
@@ -120,7 +133,6 @@ class RerunLogger:
         self._speech_by_topic = {s.topic: s for s in speech}
         self._speech_by_camera = {s.camera: s for s in speech}
         self._image_size: dict[str, tuple[int, int]] = {}  # camera -> logged (width, height)
-        self._last_seq: dict[str, int] = {}
         self._last_command: dict[str, str] = {}
         self._static_done: set[str] = set()
         self.stats = ViewStats()
@@ -130,10 +142,7 @@ class RerunLogger:
     def log(self, msg: Message) -> None:
         """Log one message: its entities appear at its sensor time."""
         self.stats.received[msg.stream] += 1
-        last = self._last_seq.get(msg.stream)
-        if last is not None and msg.seq > last + 1:
-            self.stats.seq_gaps[msg.stream] += msg.seq - last - 1
-        self._last_seq[msg.stream] = msg.seq
+        self.stats.seq[msg.stream].note(msg.seq)
         if isinstance(msg, Frame):
             self._frame(msg)
         elif isinstance(msg, AudioChunk):

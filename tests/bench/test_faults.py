@@ -40,8 +40,13 @@ from fusion_node.transport import Publisher
 from tests.conftest import (
     ACTION_GRID,
     ENGINES,
+    SIM_CAMERA,
+    SIM_JOINTS,
+    SIM_MICROPHONE,
+    SIM_MICROPHONE_AND_JOINTS,
     SPEECH_GRID,
     assert_ticking,
+    external_stream,
     grid_indices,
     lost_ticks,
     running,
@@ -76,15 +81,7 @@ NETWORK_CAMERA = """
 kind = "camera"
 stream = "camera.front"
 config = { source = "http://127.0.0.1:{port}/camera.mjpg" }
-
-[[drivers]]
-kind = "sim_microphone"
-stream = "audio.mic0"
-
-[[drivers]]
-kind = "sim_joints"
-stream = "joints.arm"
-""" + ENGINES
+""" + SIM_MICROPHONE_AND_JOINTS + ENGINES
 
 
 async def test_camera_unplugged_and_replugged_reconnects_and_masks_meanwhile():
@@ -136,27 +133,11 @@ async def test_camera_unplugged_and_replugged_reconnects_and_masks_meanwhile():
 
 # -- microphone overrun ------------------------------------------------------------------------
 
-EXTERNAL_MICROPHONE = """
-[node]
-connect = ["{endpoint}"]
-
-[[drivers]]
-kind = "sim_camera"
-stream = "camera.front"
-
-[[drivers]]
-kind = "sim_joints"
-stream = "joints.arm"
-
-[[streams]]
-name = "audio.mic0"
-kind = "audio"
-""" + ENGINES
-
 
 async def test_microphone_overrun_is_counted_and_the_gap_masked(tmp_path):
     endpoint = f"ipc://{tmp_path}/mic.ipc"
-    config = parse_config(EXTERNAL_MICROPHONE.replace("{endpoint}", endpoint), "test")
+    config = parse_config(external_stream("audio.mic0", "audio", endpoint) + SIM_CAMERA
+                          + SIM_JOINTS + ENGINES, "test")
     # 200 ms lost, then 37 ms (not a whole number of 10 ms chunks); stopped at 2.6 s, so the
     # node's ring of 256 chunks still holds both gaps at the end.
     async with running(config) as (node, collector):
@@ -249,7 +230,7 @@ async def test_joint_source_stall_skips_action_and_resumes(tmp_path):
     assert all(p.mask["joints.arm"] for p in action)
     # Speech does not use the joints: it went on.
     assert_ticking(collector.on("pred.speech"), SPEECH_GRID, health["engines"]["speech"])
-    assert joints.seq_gaps == 0  # the stall is a pause, not lost messages
+    assert joints.seq.gaps == 0  # the stall is a pause, not lost messages
 
 
 # -- wall clock jumps -----------------------------------------------------------------------------
@@ -402,27 +383,10 @@ def test_publisher_memory_is_bounded_by_the_high_water_mark(tmp_path):
 
 # -- a publisher flooding the node ------------------------------------------------------------------
 
-FLOODED_JOINTS = """
-[node]
-connect = ["{endpoint}"]
-
-[[drivers]]
-kind = "sim_camera"
-stream = "camera.front"
-
-[[drivers]]
-kind = "sim_microphone"
-stream = "audio.mic0"
-
-[[streams]]
-name = "joints.arm"
-kind = "joints"
-""" + ENGINES
-
-
 async def test_publisher_flooding_ten_times_its_rate_is_accounted_for(tmp_path):
     endpoint = f"ipc://{tmp_path}/flood.ipc"
-    config = parse_config(FLOODED_JOINTS.replace("{endpoint}", endpoint), "test")
+    config = parse_config(external_stream("joints.arm", "joints", endpoint) + SIM_CAMERA
+                          + SIM_MICROPHONE + ENGINES, "test")
     rate_hz = 10 * 200  # ten times the arm's 200 Hz
     async with running(config) as (node, collector):
         flood = start_fault("joints", "--stream", "joints.arm", "--endpoint", endpoint,

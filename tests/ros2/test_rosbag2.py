@@ -34,6 +34,7 @@ from fusion_node.protocol import (
 )
 from fusion_node.ros2 import messages as ros
 from fusion_node.ros2.rosbag2 import bag_to_log, input_streams, is_rosbag2
+from tests.conftest import ENGINES
 
 SAMPLE = str(Path(__file__).parents[1] / "data" / "sample.mcap")
 
@@ -259,28 +260,7 @@ kind = "audio"
 name = "joints.arm"
 kind = "joints"
 
-[[engines]]
-name = "speech"
-binding = "speech"
-model = "speech"
-topic = "pred.speech"
-rate_hz = 30
-latency_ms = 40
-align_delay_ms = 16
-inputs = { audio = "audio.mic0", video = "camera.front" }
-params = { mouth_roi = [256, 272, 128, 96] }
-
-# Only determinism is tested: the action engine looks at the face camera here.
-[[engines]]
-name = "action"
-binding = "action"
-model = "action"
-topic = "pred.action"
-rate_hz = 25
-latency_ms = 30
-align_delay_ms = 8
-inputs = { image = "camera.front", joints = "joints.arm", command = "pred.speech" }
-
+""" + ENGINES + """
 [replay]
 ros2 = { "/head_camera/image_raw" = "camera.front", "/mic/audio" = "audio.mic0", "/arm/joint_states" = "joints.arm" }
 """

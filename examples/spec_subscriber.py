@@ -61,7 +61,7 @@ SPEECH_VOCABULARY = (
 )
 TOPIC_SPECS: dict[str, dict[str, Any]] = {
     "pred.speech": {
-        "latency_ns": 40_000_000,
+        "latency_ns": 25_000_000,
         "mask": {"audio.mic0", "camera.front"},
         "fields": {
             "voice_activity": "float",
@@ -80,7 +80,7 @@ TOPIC_SPECS: dict[str, dict[str, Any]] = {
         },
     },
     "pred.action": {
-        "latency_ns": 30_000_000,
+        "latency_ns": 15_000_000,
         "mask": {"camera.scene", "joints.arm", "pred.speech"},
         "fields": {
             "joint_names": "str[]",

@@ -33,7 +33,7 @@ async def test_default_config_publishes_fixed_latency_predictions():
     speech = collector.on("pred.speech")
     action = collector.on("pred.action")
     assert len(speech) > 30 and len(action) > 25
-    for topic, msgs, latency_ms in (("pred.speech", speech, 40), ("pred.action", action, 30)):
+    for topic, msgs, latency_ms in (("pred.speech", speech, 25), ("pred.action", action, 15)):
         for msg in msgs:
             assert isinstance(msg, Prediction)
             assert msg.deadline_ns == msg.t_ref_ns + latency_ms * 1_000_000

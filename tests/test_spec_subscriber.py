@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSCRIBER = ROOT / "examples" / "spec_subscriber.py"
-LATENCY_NS = {"pred.speech": 40_000_000, "pred.action": 30_000_000}  # section 5.6
+LATENCY_NS = {"pred.speech": 25_000_000, "pred.action": 15_000_000}  # section 5.6
 
 
 def _free_port() -> int:

@@ -290,8 +290,8 @@ async def test_wall_clock_jumps_change_nothing(tmp_path, monkeypatch):
                                                            here_ns // jumps.period_ns + 1)]
     assert len(jump_instants) >= 3
     final = node.health()
-    for topic, grid, name, latency_ns in (("pred.speech", SPEECH_GRID, "speech", 40 * MS),
-                                          ("pred.action", ACTION_GRID, "action", 30 * MS)):
+    for topic, grid, name, latency_ns in (("pred.speech", SPEECH_GRID, "speech", 25 * MS),
+                                          ("pred.action", ACTION_GRID, "action", 15 * MS)):
         predictions = collector.on(topic)
         # The engines ticked across the jumps. (A loaded machine can start the first tick
         # after the first jump, and a tick can fall on one: both grids are whole ms.)

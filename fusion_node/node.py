@@ -453,14 +453,44 @@ class Node:
         # Links to the rings of processes that died (a killed node's drivers): their memory
         # went with them, their names are cleared here, and again at exit.
         self.reclaimed_segments = reclaim_stale_segments()
-        run_dir_tmp = None
+        run_dir, run_dir_tmp = self._open_run_dir()
+        try:
+            output = self._open_output()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    supervisors, background = await self._start(tasks, run_dir)
+                    self.ready.set()
+                    self._systemd.ready()
+                    await stop.wait()
+                    self._systemd.stopping()
+                    for task in background:
+                        task.cancel()
+                    # Engines first, so no prediction is made from a half-stopped sensor set.
+                    await asyncio.to_thread(self._stop_threads)
+                    await self._stop_driver_processes()
+                    await asyncio.gather(*supervisors)
+            finally:
+                await self._release(output)
+        finally:
+            if run_dir_tmp is not None:
+                run_dir_tmp.cleanup()
+            self.reclaimed_segments += reclaim_stale_segments()
+            blas_limit.restore_original_limits()
+            sys.setswitchinterval(previous_interval)
+
+    def _open_run_dir(self) -> tuple[Path, tempfile.TemporaryDirectory[str] | None]:
+        """The directory of the driver sockets: the configured one, else a temporary one
+        (returned too, for removal at exit)."""
         if self.config.run_dir:
             run_dir = Path(self.config.run_dir)
             # Driver sockets live here: only this user may reach them (docs/security.md).
             private_directory(run_dir, "node.run_dir")
-        else:
-            run_dir_tmp = tempfile.TemporaryDirectory(prefix="fusion-node-")
-            run_dir = Path(run_dir_tmp.name)
+            return run_dir, None
+        run_dir_tmp = tempfile.TemporaryDirectory(prefix="fusion-node-")
+        return Path(run_dir_tmp.name), run_dir_tmp
+
+    def _open_output(self) -> Publisher:
+        """The output socket (behind CURVE when configured) and the deadline publisher on it."""
         if self.config.server_secret_key is not None:
             assert self.config.allowed_clients is not None
             self.curve = CurveServer(self._context, load_key_pair(self.config.server_secret_key,
@@ -475,84 +505,75 @@ class Node:
             self._close_observers()
             raise
         self.pub_endpoint = output.endpoint
-        publisher = DeadlinePublisher(output.send_parts, self.clock,
-                                      on_published=self._on_published)
-        self.publisher = publisher
-        try:
-            async with asyncio.TaskGroup() as tasks:
-                self.runners = build_engine_runners(self.config, self.clock, self.buffer,
-                                                    publisher)
-                self._backends = _backend_notes(self.config, self.runners)
-                self._start_recorder()
-                self._start_ros2()
-                endpoints = self._driver_processes(run_dir) + list(self.config.connect)
-                supervisors = [tasks.create_task(p.run(), name=p.name)
-                               for p in self.driver_processes.values()]
-                self.subscriber = Subscriber(self._context, endpoints, self.clock,
-                                             curve=self.curve)
-                self._receiving.set()
-                self._start_clock_trackers()
-                self._start_thread("receiver", self._receive_blocking, self.subscriber)
-                background = [
-                    tasks.create_task(self._run_in_process_driver(d.kind, d.stream,
-                                                                  self._driver_config(d.config)),
-                                      name=f"driver {d.stream}")
-                    for d in self.config.drivers if not d.process]
-                self._start_thread("publisher", publisher.run_blocking, realtime=True)
-                await self._wait_for_streams()
-                # The first health report pays one-off costs (numpy's first percentile took
-                # 40 ms holding the GIL); pay them before the engines' first deadline.
-                self.health()
-                # Objects alive after start-up (models, modules) live until exit; freezing
-                # them keeps the collector's full passes, which hold the GIL, short.
-                gc.collect()
-                gc.freeze()
-                self.gc_pauses.install()
-                for runner in self.runners:
-                    self._engine_threads.append(
-                        self._start_thread(f"engine {runner.name}", runner.run_blocking,
-                                           realtime=True))
-                await asyncio.to_thread(self._wait_for_rehearsals)
-                background.append(tasks.create_task(self._publish_health(), name="health"))
-                if self.heap.available:
-                    background.append(tasks.create_task(self._trim_heap(), name="heap"))
-                if self._systemd.watchdog_period_s is not None:
-                    background.append(tasks.create_task(self._keep_watchdog(),
-                                                        name="watchdog"))
-                self.ready.set()
-                self._systemd.ready()
-                await stop.wait()
-                self._systemd.stopping()
-                for task in background:
-                    task.cancel()
-                # Engines first, so no prediction is made from a half-stopped sensor set.
-                await asyncio.to_thread(self._stop_threads)
-                await self._stop_driver_processes()
-                await asyncio.gather(*supervisors)
-        finally:
-            self._stop_threads()
-            self._close_engines()
-            self.gc_pauses.remove()
-            for tracker in self.clock_trackers.values():
-                tracker.close()
-            await self._stop_driver_processes()
-            if self.recorder is not None:  # after the publisher: the last predictions too
-                self.recorder.close()
-            self._close_observers()
-            if self.ros2 is not None:  # after the publisher: the last predictions too
-                self.ros2.stop()
-            if self.subscriber is not None:
-                self.subscriber.close()
-            output.close()
-            if self.curve is not None:
-                self.curve.close()
-            if self._owns_context:
-                self._context.term()
-            if run_dir_tmp is not None:
-                run_dir_tmp.cleanup()
-            self.reclaimed_segments += reclaim_stale_segments()
-            blas_limit.restore_original_limits()
-            sys.setswitchinterval(previous_interval)
+        self.publisher = DeadlinePublisher(output.send_parts, self.clock,
+                                           on_published=self._on_published)
+        return output
+
+    async def _start(self, tasks: asyncio.TaskGroup,
+                     run_dir: Path) -> tuple[list[asyncio.Task[Any]], list[asyncio.Task[Any]]]:
+        """Start drivers, receiver, publisher and engines in that order, and wait until every
+        stream has delivered and every engine has rehearsed; (driver supervisors, background
+        tasks)."""
+        assert self.publisher is not None
+        self.runners = build_engine_runners(self.config, self.clock, self.buffer,
+                                            self.publisher)
+        self._backends = _backend_notes(self.config, self.runners)
+        self._start_recorder()
+        self._start_ros2()
+        endpoints = self._driver_processes(run_dir) + list(self.config.connect)
+        supervisors = [tasks.create_task(p.run(), name=p.name)
+                       for p in self.driver_processes.values()]
+        self.subscriber = Subscriber(self._context, endpoints, self.clock, curve=self.curve)
+        self._receiving.set()
+        self._start_clock_trackers()
+        self._start_thread("receiver", self._receive_blocking, self.subscriber)
+        background = [
+            tasks.create_task(self._run_in_process_driver(d.kind, d.stream,
+                                                          self._driver_config(d.config)),
+                              name=f"driver {d.stream}")
+            for d in self.config.drivers if not d.process]
+        self._start_thread("publisher", self.publisher.run_blocking, realtime=True)
+        await self._wait_for_streams()
+        # The first health report pays one-off costs (numpy's first percentile took 40 ms
+        # holding the GIL); pay them before the engines' first deadline.
+        self.health()
+        # Objects alive after start-up (models, modules) live until exit; freezing them
+        # keeps the collector's full passes, which hold the GIL, short.
+        gc.collect()
+        gc.freeze()
+        self.gc_pauses.install()
+        for runner in self.runners:
+            self._engine_threads.append(
+                self._start_thread(f"engine {runner.name}", runner.run_blocking,
+                                   realtime=True))
+        await asyncio.to_thread(self._wait_for_rehearsals)
+        background.append(tasks.create_task(self._publish_health(), name="health"))
+        if self.heap.available:
+            background.append(tasks.create_task(self._trim_heap(), name="heap"))
+        if self._systemd.watchdog_period_s is not None:
+            background.append(tasks.create_task(self._keep_watchdog(), name="watchdog"))
+        return supervisors, background
+
+    async def _release(self, output: Publisher) -> None:
+        """Stop and close everything `run` opened, whatever stage it reached."""
+        self._stop_threads()
+        self._close_engines()
+        self.gc_pauses.remove()
+        for tracker in self.clock_trackers.values():
+            tracker.close()
+        await self._stop_driver_processes()
+        if self.recorder is not None:  # after the publisher: the last predictions too
+            self.recorder.close()
+        self._close_observers()
+        if self.ros2 is not None:  # after the publisher: the last predictions too
+            self.ros2.stop()
+        if self.subscriber is not None:
+            self.subscriber.close()
+        output.close()
+        if self.curve is not None:
+            self.curve.close()
+        if self._owns_context:
+            self._context.term()
 
     def _stop_threads(self) -> None:
         """Stop ticking, publish what is due, stop receiving; idempotent."""

@@ -46,9 +46,6 @@ def scale_config(cameras: int, mic_channels: int, engines: int) -> NodeConfig:
     """The embedded default with `cameras` face cameras, a `mic_channels`-channel microphone
     and the first `engines` of speech, action, speech2, action2."""
     text = (resources.files("fusion_node") / "default.toml").read_text()
-    text = text.replace("config = { sample_rate = 16000, chunk_ms = 10 }",
-                        f"config = {{ sample_rate = 16000, chunk_ms = 10, "
-                        f"channels = {mic_channels} }}", 1)
     config = parse_config(text, "default.toml")
     blocks = [text]
     for index in range(1, cameras):
@@ -59,7 +56,10 @@ def scale_config(cameras: int, mic_channels: int, engines: int) -> NodeConfig:
     for name, like in extra:
         blocks.append(_engine_block(name, like, text))
     merged = parse_config("\n".join(blocks), f"scale {cameras}/{mic_channels}/{engines}")
-    return dataclasses.replace(merged, engines=merged.engines[:engines],
+    # The default's own microphone, whatever its chunking, with more channels.
+    drivers = [dataclasses.replace(d, config={**d.config, "channels": mic_channels})
+               if d.kind == "sim_microphone" else d for d in merged.drivers]
+    return dataclasses.replace(merged, drivers=drivers, engines=merged.engines[:engines],
                                pub="tcp://127.0.0.1:*")
 
 

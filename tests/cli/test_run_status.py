@@ -17,6 +17,8 @@ import sys
 import termios
 import time
 
+from fusion_node.config import load_config
+
 # As a script runs it, with its own sys.argv (main() reads it, and re-executes on jemalloc).
 NODE = [sys.executable, "-c", "import sys; from fusion_node.cli import main; sys.exit(main())"]
 SUMMARY = re.compile(r"^fusion-node: published pred\.speech \d+, pred\.action \d+; "
@@ -50,8 +52,9 @@ def test_a_service_gets_the_start_line_once_and_no_live_line():
     assert "\r" not in err
     [start] = _start_lines(err)
     assert start.startswith(f"fusion-node: publishing on {endpoint}; engines: ")
-    assert "speech (pred.speech, ONNX Runtime, 30 Hz, 40 ms latency)" in start
-    assert "action (pred.action, ONNX Runtime, 25 Hz, 30 ms latency)" in start
+    for engine in load_config().engines:
+        assert (f"{engine.name} ({engine.topic}, ONNX Runtime, {engine.rate_hz:g} Hz, "
+                f"{engine.latency_ns // 1_000_000} ms latency)") in start
     assert "drivers: camera.front (sim_camera), audio.mic0 (sim_microphone)" in start
     assert SUMMARY.search(err), err
 

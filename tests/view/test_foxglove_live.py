@@ -23,7 +23,7 @@ import zmq
 pytest.importorskip("foxglove", reason="the `foxglove` extra (foxglove-sdk) is not installed")
 
 from fusion_node.clock import MonotonicClock
-from fusion_node.config import parse_config
+from fusion_node.config import load_config, parse_config
 from fusion_node.errors import ConfigError
 from fusion_node.protocol import Health, Prediction
 from fusion_node.transport import Subscriber
@@ -146,6 +146,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _sim_chunk_samples() -> int:
+    (mic,) = [d for d in load_config(str(REPO / "launch" / "sim.toml")).drivers
+              if d.kind == "sim_microphone"]
+    return mic.config["sample_rate"] * mic.config["chunk_ms"] // 1000
+
+
+SIM_CHUNK_SAMPLES = _sim_chunk_samples()
+
+
 def _launch_file(tmp_path: Path, port: int) -> Path:
     path = tmp_path / "live.toml"
     path.write_text((REPO / "launch" / "sim.toml").read_text()
@@ -199,7 +208,8 @@ def _check_body(topic: str, body: dict[str, Any], log_time_ns: int) -> None:
     elif schema == "foxglove.RawAudio":
         pcm = base64.b64decode(body["data"])
         assert body["format"] == "pcm-s16" and body["sample_rate"] == 16000
-        assert len(pcm) == 2 * 160 * body["number_of_channels"]  # a 10 ms chunk
+        # One chunk of the launch file's microphone, 2 bytes a sample.
+        assert len(pcm) == 2 * SIM_CHUNK_SAMPLES * body["number_of_channels"]
     elif schema == "foxglove.CompressedImage":
         assert body["format"] == "jpeg" and base64.b64decode(body["data"])[:2] == b"\xff\xd8"
     elif schema == "foxglove.ImageAnnotations":

@@ -19,13 +19,30 @@ from fusion_node.config import RecordConfig, load_config
 from fusion_node.errors import ReplayError
 from fusion_node.logs.inspect import log_info
 from fusion_node.logs.mcap_format import LogReader, frame_parts, unframe
-from fusion_node.logs.replay import config_from_log, publish_log, replay_config, replay_through_node
+from fusion_node.logs.replay import (
+    compare_predictions,
+    config_from_log,
+    publish_log,
+    replay_config,
+    replay_through_node,
+)
 from fusion_node.node import Node
 from fusion_node.protocol import Prediction, decode, encode
 
 SAMPLE = str(Path(__file__).parents[1] / "data" / "sample.mcap")
-EXPECTED_HZ = {"camera.front": 30, "audio.mic0": 100, "joints.arm": 200, "camera.scene": 25,
-               "pred.speech": 30, "pred.action": 25}
+
+def _default_rates_hz() -> dict[str, float]:
+    """Each topic's rate as the embedded default declares it."""
+    config = load_config()
+    drivers = {d.stream: d.config for d in config.drivers}
+    return {"camera.front": drivers["camera.front"]["fps"],
+            "audio.mic0": 1000 / drivers["audio.mic0"]["chunk_ms"],
+            "joints.arm": 200,  # the simulated arm's joint-state rate, not in the launch file
+            "camera.scene": drivers["joints.arm"]["camera_fps"],
+            **{engine.topic: engine.rate_hz for engine in config.engines}}
+
+
+EXPECTED_HZ = _default_rates_hz()
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +65,10 @@ def live_log(tmp_path_factory) -> str:
     return path
 
 
-def rewrite(src: str, dst: str, topic: str, change: Callable[[Prediction], None]) -> None:
-    """Copy a log, applying `change` to every prediction on `topic`."""
+def rewrite(src: str, dst: str, topic: str, change: Callable[[Prediction], None],
+            drop: tuple[str, ...] = ()) -> None:
+    """Copy a log without the topics in `drop`, applying `change` to every prediction on
+    `topic`."""
     with open(src, "rb") as file, open(dst, "wb") as out:
         reader = make_reader(file)
         summary = reader.get_summary()
@@ -60,10 +79,12 @@ def rewrite(src: str, dst: str, topic: str, change: Callable[[Prediction], None]
                    for i, s in summary.schemas.items()}
         channels = {i: writer.register_channel(c.topic, c.message_encoding,
                                                schemas.get(c.schema_id, 0), c.metadata)
-                    for i, c in summary.channels.items()}
+                    for i, c in summary.channels.items() if c.topic not in drop}
         for metadata in reader.iter_metadata():
             writer.add_metadata(metadata.name, metadata.metadata)
         for _, channel, message in reader.iter_messages(log_time_order=False):
+            if channel.topic in drop:
+                continue
             data = message.data
             if channel.topic == topic:
                 prediction = decode(unframe(data))
@@ -253,3 +274,182 @@ def test_timed_replay_publishes_on_a_socket(tmp_path, capsys):
                  "--topics", "node.health"]) == 0
     health = log_info(SAMPLE)["topics"]["node.health"]["count"]
     assert f'"messages": {health}' in capsys.readouterr().out
+
+
+def prediction_times() -> list[int]:
+    with LogReader(SAMPLE) as reader:
+        return [m.log_time_ns for m in reader.messages(["pred.speech", "pred.action"])]
+
+
+def test_timed_replay_runs_at_the_log_rate_by_default():
+    times = prediction_times()
+    clock = FakeClock()
+    stats = publish_log(SAMPLE, lambda parts: None, clock, topics=["pred."])
+    assert clock.sleeps == [1_000 + t - times[0] for t in times]
+    assert stats.log_duration_ns == times[-1] - times[0]
+
+
+def test_timed_replay_takes_any_positive_rate():
+    times = prediction_times()
+    clock = FakeClock()
+    publish_log(SAMPLE, lambda parts: None, clock, rate=0.5, topics=["pred."])
+    assert clock.sleeps == [1_000 + 2 * (t - times[0]) for t in times]
+
+
+@pytest.mark.parametrize("rate", [0.0, -1.0, float("nan")])
+def test_timed_replay_refuses_a_rate_that_is_not_positive(rate):
+    with pytest.raises(ReplayError) as raised:
+        publish_log(SAMPLE, lambda parts: None, FakeClock(), rate=rate, topics=["pred."])
+    assert str(raised.value) == f"replay rate {rate} must be positive"
+    # Back to back, the rate is not used.
+    sent: list = []
+    stats = publish_log(SAMPLE, sent.append, FakeClock(), rate=rate, fast=True, topics=["pred."])
+    assert stats.messages == len(sent) == len(prediction_times())
+
+
+def test_timed_replay_refuses_topics_the_log_lacks():
+    with LogReader(SAMPLE) as reader:
+        topics = reader.topics()
+    with pytest.raises(ReplayError) as raised:
+        publish_log(SAMPLE, lambda parts: None, FakeClock(), topics=["lidar."])
+    assert str(raised.value) == f"{SAMPLE}: no topic matches ['lidar.']; the log has {topics}"
+
+
+def test_timed_replay_stopped_mid_pass_counts_what_it_sent():
+    times = prediction_times()
+    stop = threading.Event()
+    sent: list = []
+
+    def send(parts: list) -> None:
+        sent.append(parts)
+        if len(sent) == 5:
+            stop.set()
+
+    stats = publish_log(SAMPLE, send, FakeClock(), loop=True, topics=["pred."], stop=stop)
+    assert (stats.messages, stats.passes) == (5, 1)
+    assert stats.log_duration_ns == times[4] - times[0]
+
+
+def test_timed_replay_sums_the_duration_of_every_pass():
+    times = prediction_times()
+    stop = threading.Event()
+    sent: list = []
+
+    def send(parts: list) -> None:
+        sent.append(parts)
+        if len(sent) == 3 * len(times):
+            stop.set()
+
+    stats = publish_log(SAMPLE, send, FakeClock(), fast=True, loop=True, topics=["pred."],
+                        stop=stop)
+    assert stats.passes == 3 and stats.log_duration_ns == 3 * (times[-1] - times[0])
+
+
+def test_timed_replay_names_the_log_of_a_corrupt_message(tmp_path):
+    corrupt = str(tmp_path / "corrupt.mcap")
+    with open(SAMPLE, "rb") as file, open(corrupt, "wb") as out:
+        reader = make_reader(file)
+        summary = reader.get_summary()
+        assert summary is not None
+        writer = Writer(out)
+        writer.start()
+        schemas = {i: writer.register_schema(s.name, s.encoding, s.data)
+                   for i, s in summary.schemas.items()}
+        channels = {i: writer.register_channel(c.topic, c.message_encoding,
+                                               schemas.get(c.schema_id, 0), c.metadata)
+                    for i, c in summary.channels.items()}
+        for _, channel, message in reader.iter_messages():
+            if channel.topic == "pred.speech":
+                writer.add_message(channels[channel.id], message.log_time, b"\x01",
+                                   message.publish_time, message.sequence)
+                break
+        writer.finish()
+    with pytest.raises(ReplayError) as raised:
+        publish_log(corrupt, lambda parts: None, FakeClock(), fast=True)
+    assert str(raised.value).startswith(f"{corrupt}: message on 'pred.speech' at log time ")
+    assert str(raised.value).endswith("message data is 1 bytes, too short for a part count")
+
+
+def replayed(path: str) -> dict[str, list[Prediction]]:
+    with LogReader(path) as reader:
+        return {topic: [m.decode(path) for m in reader.messages([topic])]
+                for topic in ("pred.speech", "pred.action")}
+
+
+def test_schedule_timing_ticks_at_t_ref_plus_align_delay_and_delivers_at_deadline(tmp_path):
+    config, _ = replay_config(SAMPLE, None)
+    align_ns = {e.topic: e.align_delay_ns for e in config.engines}
+    out = str(tmp_path / "scheduled.mcap")
+    replay_through_node(SAMPLE, config, out_path=out, timing="schedule")
+    for topic, predictions in replayed(out).items():
+        assert len(predictions) > 100, topic
+        for p in predictions:
+            assert p.trace["t_window_start_ns"] == p.t_ref_ns + align_ns[topic], topic
+            assert p.t_publish_ns == p.deadline_ns, topic
+
+
+def test_log_timing_without_window_cuts_ticks_when_the_traces_say(tmp_path):
+    """A log recorded from sockets has no node.window_cuts: each window is cut when the
+    recorded prediction's trace says, but never before t_ref + align_delay."""
+    config, _ = replay_config(SAMPLE, None)
+    align_ns = next(e.align_delay_ns for e in config.engines if e.topic == "pred.speech")
+    late_ns = 3_000_000
+    with LogReader(SAMPLE) as reader:
+        t_refs = sorted(m.decode(SAMPLE).t_ref_ns for m in reader.messages(["pred.speech"]))
+    expected: dict[int, int] = {}
+
+    def retrace(prediction: Prediction) -> None:
+        t_ref = prediction.t_ref_ns
+        scheduled = t_ref + align_ns
+        case = t_refs.index(t_ref) % 3
+        if case == 0:  # cut late: the trace's time
+            prediction.trace["t_window_start_ns"] = expected[t_ref] = scheduled + late_ns
+        elif case == 1:  # a trace before the schedule (another clock): the schedule
+            prediction.trace["t_window_start_ns"] = t_ref
+            expected[t_ref] = scheduled
+        else:  # no trace: the schedule
+            del prediction.trace["t_window_start_ns"]
+            expected[t_ref] = scheduled
+
+    traced = str(tmp_path / "traced.mcap")
+    rewrite(SAMPLE, traced, "pred.speech", retrace, drop=("node.window_cuts",))
+    out = str(tmp_path / "replayed.mcap")
+    replay_through_node(traced, config, out_path=out, timing="log")
+    speech = replayed(out)["pred.speech"]
+    assert len(speech) == len(t_refs)
+    assert {p.t_ref_ns: p.trace["t_window_start_ns"] for p in speech} == expected
+
+
+def speech_prediction(**changes: object) -> Prediction:
+    prediction = Prediction("pred.speech", 0, 1_000, 41_000, "speech", "h", {"audio.mic0": True},
+                            {"p_speech": 0.25, "command": "stop", "frames": 3, "speaking": True},
+                            {}, {})
+    return dataclasses.replace(prediction, **changes)
+
+
+def test_compare_predictions_names_the_first_difference_with_its_size():
+    old = speech_prediction()
+    assert compare_predictions(old, speech_prediction()) is None
+    assert (compare_predictions(old, speech_prediction(engine="other"))
+            == "engine differs: log 'speech', now 'other'")
+    assert (compare_predictions(old, speech_prediction(deadline_ns=41_030))
+            == "deadline_ns differs: log 41000, now 41030 (by 30)")
+    assert (compare_predictions(old, speech_prediction(fields={**old.fields, "frames": 5}))
+            == "field 'frames' differs: log 3, now 5 (by 2)")
+    # Neither a bool nor a missing value has a size.
+    assert (compare_predictions(old, speech_prediction(fields={**old.fields, "speaking": False}))
+            == "field 'speaking' differs: log True, now False")
+    assert (compare_predictions(old, speech_prediction(fields={"p_speech": 0.25, "frames": 3,
+                                                               "speaking": True}))
+            == "field 'command' differs: log 'stop', now None")
+    no_frames = {k: v for k, v in old.fields.items() if k != "frames"}
+    assert (compare_predictions(speech_prediction(fields=no_frames), old)
+            == "field 'frames' differs: log None, now 3")
+
+
+def test_compare_predictions_forgives_float_fields_up_to_the_tolerance_only():
+    old = speech_prediction()
+    new = speech_prediction(fields={**old.fields, "p_speech": 0.75})
+    assert compare_predictions(old, new) == "field 'p_speech' differs: log 0.25, now 0.75 (by 0.5)"
+    assert compare_predictions(old, new, tolerance=0.5) is None
+    assert compare_predictions(old, new, tolerance=0.4) is not None

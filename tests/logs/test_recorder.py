@@ -658,3 +658,13 @@ def test_command_line_options_override_only_what_they_name():
         ("b.mcap", "zstd", 0.0, ("pred.",))
     run = with_record(config, build_parser().parse_args(["run", "--record", "c.mcap"])).record
     assert (run.path, run.compression, run.preview_hz) == ("c.mcap", "zstd", 2.0)
+
+
+def test_the_writer_thread_is_named_for_thread_listings(tmp_path):
+    # py-spy, /proc/<pid>/task/*/comm and the priority report name threads by this.
+    recorder = Recorder(str(tmp_path / "named.mcap"), ReplayClock(T0))
+    recorder.start()
+    try:
+        assert "recorder" in [thread.name for thread in threading.enumerate()]
+    finally:
+        recorder.close()

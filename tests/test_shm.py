@@ -772,3 +772,35 @@ def test_a_subscriber_beyond_the_release_rows_gets_checked_copies() -> None:
         np.testing.assert_array_equal(held.image, expected_image(1))
     finally:
         writer.close()
+
+
+def _slot_of(parts: list) -> int:
+    return msgpack.unpackb(parts[1])["shm"]["slot"]
+
+
+def test_a_slot_every_subscriber_took_and_dropped_is_reused_at_once() -> None:
+    """The newest such slot is still in the CPU's cache; one a subscriber holds, or has not
+    taken yet, is not reused early."""
+    writer = ShmWriter(ShmConfig(slots=8, reuse_after=4))
+    fast, lagging = ShmReader(), ShmReader()
+    try:
+        first = writer.wrap(encode(Frame("camera.test", 0, 1, expected_image(0))))
+        del decode(first, 0, fast).image  # taken and dropped by the only subscriber
+        second = writer.wrap(encode(Frame("camera.test", 1, 2, expected_image(1))))
+        assert _slot_of(second) == _slot_of(first)
+        held = decode(second, 0, fast)  # held: its slot is not rewritten under it
+        third = writer.wrap(encode(Frame("camera.test", 2, 3, expected_image(2))))
+        assert _slot_of(third) != _slot_of(second)
+        np.testing.assert_array_equal(held.image, expected_image(1))
+        del held
+        # A second subscriber that took only the oldest frame still has the newer ones to
+        # read: they are not reused before it takes them.
+        del decode(second, 0, lagging).image
+        del decode(third, 0, fast).image
+        fourth = writer.wrap(encode(Frame("camera.test", 3, 4, expected_image(3))))
+        assert _slot_of(fourth) == _slot_of(second) != _slot_of(third)
+        np.testing.assert_array_equal(decode(third, 0, lagging).image, expected_image(2))
+    finally:
+        fast.close()
+        lagging.close()
+        writer.close()

@@ -65,10 +65,9 @@ def live_log(tmp_path_factory) -> str:
     return path
 
 
-def rewrite(src: str, dst: str, topic: str, change: Callable[[Prediction], None],
-            drop: tuple[str, ...] = ()) -> None:
-    """Copy a log without the topics in `drop`, applying `change` to every prediction on
-    `topic`."""
+def copy_log(src: str, dst: str, data_of: Callable[[str, bytes], bytes | None]) -> None:
+    """Copy a log, with each message's data replaced by `data_of(topic, data)`; None
+    leaves the message out, and a channel whose every message is left out stays declared."""
     with open(src, "rb") as file, open(dst, "wb") as out:
         reader = make_reader(file)
         summary = reader.get_summary()
@@ -79,22 +78,33 @@ def rewrite(src: str, dst: str, topic: str, change: Callable[[Prediction], None]
                    for i, s in summary.schemas.items()}
         channels = {i: writer.register_channel(c.topic, c.message_encoding,
                                                schemas.get(c.schema_id, 0), c.metadata)
-                    for i, c in summary.channels.items() if c.topic not in drop}
+                    for i, c in summary.channels.items()}
         for metadata in reader.iter_metadata():
             writer.add_metadata(metadata.name, metadata.metadata)
         for _, channel, message in reader.iter_messages(log_time_order=False):
-            if channel.topic in drop:
-                continue
-            data = message.data
-            if channel.topic == topic:
-                prediction = decode(unframe(data))
-                assert isinstance(prediction, Prediction)
-                prediction.arrays = {k: v.copy() for k, v in prediction.arrays.items()}
-                change(prediction)
-                data = frame_parts(encode(prediction))
-            writer.add_message(channels[channel.id], message.log_time, data,
-                               message.publish_time, message.sequence)
+            data = data_of(channel.topic, message.data)
+            if data is not None:
+                writer.add_message(channels[channel.id], message.log_time, data,
+                                   message.publish_time, message.sequence)
         writer.finish()
+
+
+def rewrite(src: str, dst: str, topic: str, change: Callable[[Prediction], None],
+            drop: tuple[str, ...] = ()) -> None:
+    """Copy a log without the messages of the topics in `drop`, applying `change` to every
+    prediction on `topic`."""
+    def data_of(channel_topic: str, data: bytes) -> bytes | None:
+        if channel_topic in drop:
+            return None
+        if channel_topic != topic:
+            return data
+        prediction = decode(unframe(data))
+        assert isinstance(prediction, Prediction)
+        prediction.arrays = {k: v.copy() for k, v in prediction.arrays.items()}
+        change(prediction)
+        return frame_parts(encode(prediction))
+
+    copy_log(src, dst, data_of)
 
 
 def test_live_recording_holds_every_topic_at_its_rate_without_gaps(live_log):
@@ -347,23 +357,15 @@ def test_timed_replay_sums_the_duration_of_every_pass():
 
 def test_timed_replay_names_the_log_of_a_corrupt_message(tmp_path):
     corrupt = str(tmp_path / "corrupt.mcap")
-    with open(SAMPLE, "rb") as file, open(corrupt, "wb") as out:
-        reader = make_reader(file)
-        summary = reader.get_summary()
-        assert summary is not None
-        writer = Writer(out)
-        writer.start()
-        schemas = {i: writer.register_schema(s.name, s.encoding, s.data)
-                   for i, s in summary.schemas.items()}
-        channels = {i: writer.register_channel(c.topic, c.message_encoding,
-                                               schemas.get(c.schema_id, 0), c.metadata)
-                    for i, c in summary.channels.items()}
-        for _, channel, message in reader.iter_messages():
-            if channel.topic == "pred.speech":
-                writer.add_message(channels[channel.id], message.log_time, b"\x01",
-                                   message.publish_time, message.sequence)
-                break
-        writer.finish()
+    written: list[str] = []
+
+    def first_prediction_corrupt(topic: str, data: bytes) -> bytes | None:
+        if topic != "pred.speech" or written:
+            return None
+        written.append(topic)
+        return b"\x01"
+
+    copy_log(SAMPLE, corrupt, first_prediction_corrupt)
     with pytest.raises(ReplayError) as raised:
         publish_log(corrupt, lambda parts: None, FakeClock(), fast=True)
     assert str(raised.value).startswith(f"{corrupt}: message on 'pred.speech' at log time ")

@@ -310,3 +310,37 @@ def test_a_respawned_sender_counting_from_zero_is_a_restart_and_its_losses_count
         buf.push(sample)
     stats = buf.stats["joints.arm"]
     assert stats.seq.restarts == 1 and stats.seq.gaps == 1 and stats.seq.last == 3
+
+
+def test_stream_summary_is_every_counter_by_its_health_name():
+    buf = AlignmentBuffer({"joints.arm": 8}, max_future_ns=10 * MS)
+    samples = received(joints(20, t0=1_000 * MS), 1_000 * MS + 200 * MS)
+    del samples[5:8]  # three lost upstream
+    for sample in samples:
+        buf.push(sample)
+    buf.push(samples[-1])  # delivered again, twice
+    buf.push(samples[-1])
+    (late,) = received(joints(1, t0=1_000 * MS), 1_200 * MS)
+    late.seq = 20
+    buf.push(late)  # older than everything kept
+    restarted = received(joints(5, t0=1_300 * MS), 1_400 * MS)  # a sender counting from 0
+    for sample in restarted:
+        buf.push(sample)
+    (ahead,) = received(joints(1, t0=5_000 * MS), 1_000 * MS)
+    ahead.seq = 5  # refused before its seq is counted: last_seq stays 4
+    buf.push(ahead)  # stamped past the future bound, four times
+    for _ in range(3):
+        buf.push(ahead)
+    # Every push is received, the refused ones too; only kept samples are evicted.
+    assert buf.stats["joints.arm"].summary() == {
+        "received": 29, "evicted": 14, "duplicates": 2, "too_old": 1, "too_new": 4,
+        "seq_gaps": 3, "seq_restarts": 1, "last_seq": 4,
+        "last_capture_ns": restarted[-1].t_capture_ns}
+
+
+def test_a_missing_joint_stream_names_its_age_and_limit_in_ms():
+    buf = buffer()
+    for sample in joints(10):  # newest at 1.045 s
+        buf.push(sample)
+    window = buf.window(1_045 * MS + 31_250_000, (JointsInput("joints.arm", tolerance_ns=20 * MS),))
+    assert window.missing["joints.arm"] == "newest joint state is 31.2 ms old (limit 20.0 ms)"

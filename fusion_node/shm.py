@@ -187,13 +187,6 @@ def _lock_row(fd: int, start: int, length: int, lock: bool = True) -> bool:
     return True
 
 
-def _row_locked(fd: int, start: int, length: int) -> bool:
-    """True if another open file (a live subscriber) holds a lock on the row."""
-    answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
-                         _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
-    return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
-
-
 def _start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22)."""
     try:

@@ -804,3 +804,96 @@ def test_a_slot_every_subscriber_took_and_dropped_is_reused_at_once() -> None:
         fast.close()
         lagging.close()
         writer.close()
+
+
+# -- the fence after fork, row locks, fallbacks, retired rings, lease checks ------------------
+
+def test_a_child_forked_while_the_fence_is_taken_still_reads_frames(
+        shm_message: tuple[ShmWriter, list]) -> None:
+    """The fence lock is renewed in a forked child: one inherited while held would hang the
+    child's first read of a frame."""
+    from fusion_node import shm
+
+    _, parts = shm_message
+    with shm._FENCE:  # what another thread of the parent may be doing at fork time
+        pid = os.fork()
+        if pid == 0:  # the child: read a frame through the hold-fence-check handshake
+            code = 1
+            try:
+                frame = decode(parts, 0, ShmReader())
+                code = 0 if np.array_equal(frame.image, expected_image(7)) else 2
+            finally:
+                os._exit(code)
+    deadline = time.monotonic() + 20
+    while (waited := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung on the fence it inherited")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(waited[1]) == 0
+
+
+FALLBACK_WARNING = ("camera.test: every one of 2 shared-memory slots is held by a subscriber "
+                    "or lent (2 held): sending inline instead; counted in fallbacks, logged "
+                    "once")
+
+
+def shm_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "fusion_node.shm"]
+
+
+def test_fallbacks_are_counted_each_time_and_logged_once_per_stream(
+        caplog: pytest.LogCaptureFixture) -> None:
+    writer = ShmWriter(ShmConfig(slots=2))
+    reader = ShmReader()
+    try:
+        held = [decode(writer.wrap(encode(Frame("camera.test", seq, 1, expected_image(seq)))),
+                       0, reader) for seq in (0, 1)]  # both slots held by a live subscriber
+        with caplog.at_level("WARNING", logger="fusion_node.shm"):
+            inline = encode(Frame("camera.test", 2, 1, expected_image(2)))
+            assert writer.wrap(inline) is inline
+            assert writer.fallbacks == 1
+            assert shm_warnings(caplog) == [FALLBACK_WARNING]
+            for seq in (3, 4):
+                inline = encode(Frame("camera.test", seq, 1, expected_image(seq)))
+                assert writer.wrap(inline) is inline
+        assert writer.fallbacks == 3 and writer.fallbacks_by_stream == {"camera.test": 3}
+        assert len(shm_warnings(caplog)) == 1
+        assert all(in_shared_memory(frame.image) for frame in held)
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_a_retired_ring_is_no_longer_unlinked_at_exit() -> None:
+    writer = ShmWriter(ShmConfig())
+    try:
+        writer.wrap(encode(Frame("camera.x", 0, 1, expected_image(0))))
+        old = writer.segments
+        writer.wrap(encode(Frame("camera.x", 1, 1, expected_image(1, (480, 640, 3)))))
+        assert writer.segments != old
+        # The exit clean-up lists the live ring only, not the one already unlinked.
+        assert writer._names == set(writer.segments)
+    finally:
+        writer.close()
+    assert writer._names == set()
+
+
+def test_lease_check_raises_stale_generation_once_the_slot_is_rewritten(
+        shm_message: tuple[ShmWriter, list]) -> None:
+    writer, parts = shm_message
+    reader = ShmReader()
+    frame = decode(parts, 0, reader)
+    lease = reader.last_lease
+    assert lease is not None
+    lease.check()  # held: unchanged
+    del frame  # released: the slot may be reused, and is once the three others were written
+    for seq in range(4):
+        writer.wrap(encode(Frame("camera.test", seq, 1, expected_image(seq))))
+    assert not lease.valid()
+    with pytest.raises(ProtocolError) as exc:
+        lease.check()
+    assert exc.value.reason == "stale_generation"
+    assert str(exc.value) == (f"stale_generation: shared-memory slot {lease.slot} of "
+                              f"{lease.segment!r} was rewritten after it was read")

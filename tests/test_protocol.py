@@ -518,3 +518,11 @@ def test_the_seq_counter_tells_losses_from_restarts_and_repeats():
     assert (counter.last, counter.gaps, counter.restarts) == (3, 3, 1)
     counter.note(3 + SEQ_JUMP + 1)  # a jump no stream makes by losing messages
     assert (counter.gaps, counter.restarts) == (3, 2)
+
+
+def test_a_header_with_a_msgpack_extension_type_names_it():
+    header = msgpack.packb({"v": 1, "kind": "joints", "ext": msgpack.ExtType(5, b"x")})
+    with pytest.raises(ProtocolError) as raised:
+        decode([b"joints.arm", header])
+    assert raised.value.reason == "bad_header"
+    assert "extension type 5 is not allowed" in str(raised.value)

@@ -401,7 +401,10 @@ def run_shm_attack(endpoint: str, stream: str, stop: threading.Event) -> dict[st
     try:
         _probe_until_go(publisher, stop)
         # 1. An unsealed ring, truncated under whoever mapped it.
-        name = f"{shm_module.SEGMENT_PREFIX}-{os.getpid()}-0-9999"
+        # Named as a live publisher's (this process's own start time): any publisher on the
+        # host that starts meanwhile reclaims the segments of dead ones.
+        start = shm_module._start_time(os.getpid())
+        name = f"{shm_module.SEGMENT_PREFIX}-{os.getpid()}-{start}-9999"
         path = shm_module.SHM_DIR / name
         slot_size = -(-image.nbytes // 4096) * 4096
         data_offset, size = 4096, 4096 + slot_size

@@ -18,5 +18,12 @@ pip=($venv/bin/python -m pip install -q --disable-pip-version-check)
 "${pip[@]}" --require-hashes --no-deps -r requirements/test.txt -r requirements/mutation.txt
 "${pip[@]}" --no-deps --no-build-isolation -e .
 rm -rf mutants
-$venv/bin/mutmut run --max-children "$(nproc)" "$@" >/dev/null
+# mutmut redraws a progress line many times a second: keep it out of the terminal, and
+# show its end if the run fails (a clean-test failure stops it before any mutant runs).
+log=${TMPDIR:-/tmp}/fusion-node-mutmut.log
+if ! $venv/bin/mutmut run --max-children "$(nproc)" "$@" >"$log" 2>&1; then
+    echo "mutation: mutmut run failed; the end of $log:" >&2
+    tail -c 4000 "$log" | tr '\r' '\n' | tail -25 >&2
+    exit 1
+fi
 $venv/bin/python scripts/mutation_report.py

@@ -15,7 +15,8 @@ import zmq
 
 from fusion_node.client import ActionFollower, Client
 from fusion_node.errors import ProtocolError
-from fusion_node.protocol import Prediction
+from fusion_node.protocol import Prediction, encode
+from fusion_node.security import generate_keys, load_key_pair
 from fusion_node.transport import Publisher
 
 MS = 1_000_000
@@ -296,3 +297,32 @@ def test_action_follower_refuses_a_chunk_without_its_arrays():
         ActionFollower().add(prediction)
     assert raised.value.reason == "bad_field"
     assert str(raised.value) == "bad_field: pred.action has no array 'actions'"
+
+
+def test_a_client_given_its_keys_receives_from_a_curve_publisher(tmp_path):
+    generate_keys(tmp_path / "keys", "server")
+    generate_keys(tmp_path / "keys", "client-robot")
+    server = load_key_pair(tmp_path / "keys/server.key_secret")
+    context = zmq.Context()
+    publisher = context.socket(zmq.PUB)
+    publisher.setsockopt(zmq.LINGER, 0)
+    # A CURVE server: a client that does not speak CURVE with the server's key gets nothing.
+    publisher.curve_secretkey = server.secret
+    publisher.curve_publickey = server.public
+    publisher.curve_server = True
+    publisher.bind(f"ipc://{tmp_path}/curve.ipc")
+    client = Client(f"ipc://{tmp_path}/curve.ipc", context=context,
+                    client_key=tmp_path / "keys/client-robot.key_secret",
+                    server_public_key=tmp_path / "keys/server.key")
+    try:
+        received = None
+        for seq in range(200):  # PUB/SUB slow joiner, and the CURVE handshake first
+            publisher.send_multipart(encode(chunk(seq, seq * MS, 0.0)))
+            received = client.recv(timeout_ms=10)
+            if received is not None:
+                break
+        assert received is not None and received.stream == "pred.action"
+    finally:
+        client.close()
+        publisher.close()
+        context.term()

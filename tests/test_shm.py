@@ -897,3 +897,153 @@ def test_lease_check_raises_stale_generation_once_the_slot_is_rewritten(
     assert exc.value.reason == "stale_generation"
     assert str(exc.value) == (f"stale_generation: shared-memory slot {lease.slot} of "
                               f"{lease.segment!r} was rewritten after it was read")
+
+
+# -- a full ring's report, dead subscribers' rows, the overwritten-slot message ---------------
+
+def full_message(held: int, slots: int, lent: int, paced: bool = False) -> str:
+    return (f"shared-memory ring of 'camera.test' is full: {held} of {slots} slots held by "
+            f"subscribers, {lent} lent and not yet sent"
+            + (", the others' frames not yet taken by every subscriber" if paced else ""))
+
+
+def test_ring_full_names_the_stream_its_slots_and_whether_it_waited_on_pacing() -> None:
+    from fusion_node.shm import RingFull
+
+    full = RingFull("camera.test", 4, 3, 1)  # a loan that did not wait: not paced
+    assert str(full) == full_message(3, 4, 1)
+    assert (full.stream, full.slots, full.held, full.lent) == ("camera.test", 4, 3, 1)
+    assert str(RingFull("camera.test", 4, 3, 1, paced=True)) == full_message(3, 4, 1, True)
+
+
+def test_a_full_ring_counts_held_slots_apart_from_lent_ones() -> None:
+    from fusion_node.shm import RingFull
+
+    writer = ShmWriter(ShmConfig(slots=2))
+    reader = ShmReader()
+    try:
+        held = decode(writer.wrap(encode(Frame("camera.test", 0, 1, expected_image(0)))), 0,
+                      reader)  # slot 0: held by a live subscriber
+        lent = writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8))  # slot 1: lent
+        assert lent is not None and in_shared_memory(lent)
+        with pytest.raises(RingFull) as full:
+            writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8))
+        assert (full.value.stream, full.value.slots, full.value.held,
+                full.value.lent) == ("camera.test", 2, 1, 1)
+        assert str(full.value) == full_message(1, 2, 1)
+        assert writer.ring_full == 1
+        np.testing.assert_array_equal(held.image, expected_image(0))
+    finally:
+        reader.close()
+        writer.close()
+
+
+def die_holding(parts: list) -> None:
+    """A subscriber process that takes the frame `parts` names and dies holding it (no
+    clean-up runs: its row keeps its hold and progress, and the kernel drops its lock)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            frame = decode(parts, 0, ShmReader())
+            code = 0 if in_shared_memory(frame.image) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while (waited := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked subscriber hung")
+        time.sleep(0.001)
+    assert os.waitstatus_to_exitcode(waited[1]) == 0
+
+
+def test_a_waiting_loan_clears_a_dead_subscribers_row_and_the_row_is_free_again() -> None:
+    """A dead subscriber's progress would pace a waiting publisher forever, and its holds
+    outlast the lease's reach while the lease runs: the waiting loan clears its row (once
+    10 ms of the writer's clock have passed since the last look) and leaves it claimable."""
+    from fusion_node.shm import RingFull
+
+    now = [10_000_000]  # exactly 10 ms after the writer's clock origin: the first look is due
+    writer = ShmWriter(ShmConfig(slots=2, subscribers=1), clock_ns=lambda: now[0])
+    reader = ShmReader()
+    try:
+        die_holding(writer.wrap(encode(Frame("camera.test", 0, 1, expected_image(0)))))
+        first = writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8))  # the fresh slot 1
+        assert first is not None
+        # Slot 0 is held and paced by the dead row, within its lease: only clearing it helps.
+        second = writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8), wait_ms=2000)
+        assert second is not None and in_shared_memory(second)
+        with pytest.raises(RingFull) as full:  # both lent; the dead row holds nothing now
+            writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8))
+        assert (full.value.held, full.value.lent) == (0, 2)
+        assert str(full.value) == full_message(0, 2, 2)
+        # The cleared row was unlocked: the next subscriber claims it and holds a view.
+        first[...] = expected_image(1)
+        frame = decode(writer.wrap(encode(Frame("camera.test", 1, 1, first))), 0, reader)
+        assert in_shared_memory(frame.image) and reader.copied == 0
+        np.testing.assert_array_equal(frame.image, expected_image(1))
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_dead_subscribers_are_looked_for_at_most_every_10_ms_of_the_writers_clock() -> None:
+    from fusion_node.shm import RingFull
+
+    now = [10_000_000]
+    writer = ShmWriter(ShmConfig(slots=1, subscribers=1), clock_ns=lambda: now[0])
+    try:
+        die_holding(writer.wrap(encode(Frame("camera.test", 0, 1, expected_image(0)))))
+        image = writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8), wait_ms=2000)
+        assert image is not None  # looked at 10 ms: the dead row was cleared
+        image[...] = expected_image(1)
+        now[0] += 1
+        die_holding(writer.wrap(encode(Frame("camera.test", 1, 1, image))))
+        del image
+        with pytest.raises(RingFull) as full:  # 1 ns after the last look: not looked again
+            writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8), wait_ms=100)
+        assert (full.value.stream, full.value.slots, full.value.held,
+                full.value.lent) == ("camera.test", 1, 1, 0)
+        assert str(full.value) == full_message(1, 1, 0, paced=True)
+        now[0] += 10_000_000  # 10 ms after the last look: looked again, cleared
+        assert writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8), wait_ms=2000) is not None
+    finally:
+        writer.close()
+
+
+def test_a_waiting_loan_never_clears_the_row_of_a_live_subscriber() -> None:
+    """Only a row whose lock is gone is cleared, whichever row it is (here the second)."""
+    from fusion_node.shm import RingFull
+
+    writer = ShmWriter(ShmConfig(slots=1, subscribers=2),
+                       clock_ns=lambda: 20_000_000)  # every look is due
+    first, second = ShmReader(), ShmReader()
+    try:
+        parts = writer.wrap(encode(Frame("camera.test", 0, 1, expected_image(0))))
+        del decode(parts, 0, first).image  # row 0: took the frame and dropped it
+        kept = decode(parts, 0, second)  # row 1: took it and holds it
+        with pytest.raises(RingFull) as full:
+            writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8), wait_ms=100)
+        assert (full.value.held, full.value.lent) == (1, 0)
+        assert second.last_lease is not None and second.last_lease.valid()
+        np.testing.assert_array_equal(kept.image, expected_image(0))
+    finally:
+        first.close()
+        second.close()
+        writer.close()
+
+
+def test_a_stale_generation_names_the_slot_and_both_generations(
+        shm_message: tuple[ShmWriter, list]) -> None:
+    writer, parts = shm_message
+    shm = msgpack.unpackb(parts[1])["shm"]
+    assert (shm["slot"], shm["generation"]) == (0, 2)
+    with pytest.raises(ProtocolError) as exc:
+        ShmReader().resolve({**shm, "generation": 4}, "frame on 'camera.test'")
+    assert exc.value.reason == "stale_generation"
+    assert str(exc.value) == (
+        f"stale_generation: frame on 'camera.test' slot 0 of {writer.segments[0]!r} holds "
+        "generation 2, header says 4: the slot was reused before this receiver read it (the "
+        "whole frame is lost)")

@@ -32,13 +32,14 @@ import fusion_node.logs.recorder as recorder_module
 from fusion_node.alignment import JointsInput
 from fusion_node.cli.log import with_record
 from fusion_node.cli.main import build_parser
-from fusion_node.clock import ReplayClock
+from fusion_node.clock import MonotonicClock, ReplayClock, WallClockMapping
 from fusion_node.config import parse_config
 from fusion_node.errors import ConfigError, ReplayError
 from fusion_node.logs.inspect import recover
 from fusion_node.logs.mcap_format import (
     RECORDING_END_METADATA,
     RECORDING_METADATA,
+    WALL_CLOCK_KEY,
     WINDOW_CUTS_TOPIC,
     LogReader,
     LogWriter,
@@ -668,3 +669,55 @@ def test_the_writer_thread_is_named_for_thread_listings(tmp_path):
         assert "recorder" in [thread.name for thread in threading.enumerate()]
     finally:
         recorder.close()
+
+
+def test_a_recorder_on_the_monotonic_clock_logs_the_wall_clock_beside_the_given_metadata(
+        tmp_path):
+    path = str(tmp_path / "wall.mcap")
+    before_ns = time.monotonic_ns()
+    recorder = Recorder(path, MonotonicClock(), metadata={"source": "test"})
+    after_ns = time.monotonic_ns()
+    recorder.close()
+    with LogReader(path) as reader:
+        recording = reader.metadata()[RECORDING_METADATA]
+    assert recording["source"] == "test"
+    # Measured when the recorder was made, so viewers can show its stamps as wall time.
+    mapping = WallClockMapping.from_json(recording[WALL_CLOCK_KEY])
+    assert before_ns <= mapping.monotonic_ns <= after_ns
+
+
+def test_the_writer_thread_is_a_daemon_so_a_recorder_never_closed_lets_the_process_exit(
+        tmp_path):
+    before = set(threading.enumerate())
+    recorder = Recorder(str(tmp_path / "daemon.mcap"), ReplayClock(T0))
+    recorder.start()
+    try:
+        started = [t for t in threading.enumerate() if t not in before and t.name == "recorder"]
+        assert len(started) == 1
+        assert started[0].daemon
+    finally:
+        recorder.close()
+
+
+def test_the_writer_cpu_time_counts_from_the_start_of_its_thread(tmp_path, monkeypatch):
+    # The writer thread's CPU clock, read by the thread itself: it starts at 3 s (a clock
+    # need not start at 0), 2 ms after the first write, 1.0005 s plus 1 ns (just past a
+    # rounding edge) when the log is closed and 1.0006 s when the thread ends.
+    start_ns = 3_000_000_000
+    readings = [start_ns, start_ns + 2_000_000, start_ns + 1_000_500_001,
+                start_ns + 1_000_600_000]
+    monkeypatch.setattr(recorder_module, "thread_cpu_ns", lambda: readings.pop(0))
+    path = str(tmp_path / "cpu_clock.mcap")
+    recorder = Recorder(path, ReplayClock(T0), preview_hz=0)
+    assert recorder.cpu_ns == 0 and recorder.stats()["cpu_s"] == 0.0  # nothing used yet
+    recorder.start()
+    assert recorder.offer(joints(0, T0), log_time_ns=T0)
+    assert wait_until(lambda: recorder.cpu_ns != 0)
+    assert recorder.cpu_ns == 2_000_000  # while it records
+    assert recorder.stats()["cpu_s"] == 0.002
+    recorder.close()
+    assert readings == []
+    assert recorder.cpu_ns == 1_000_600_000
+    with LogReader(path) as reader:
+        end = reader.metadata()[RECORDING_END_METADATA]
+    assert end["writer_cpu_s"] == "1.001"

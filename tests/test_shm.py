@@ -1047,3 +1047,53 @@ def test_a_stale_generation_names_the_slot_and_both_generations(
         f"stale_generation: frame on 'camera.test' slot 0 of {writer.segments[0]!r} holds "
         "generation 2, header says 4: the slot was reused before this receiver read it (the "
         "whole frame is lost)")
+
+
+def table_generation(writer: ShmWriter, topic: bytes, slot: int) -> int:
+    """The generation slot `slot`'s entry in the ring's slot table names (the table starts
+    at byte 64 of the segment, 32 bytes a slot, the generation first)."""
+    buf = writer._rings[topic].buf
+    return int(np.frombuffer(buf, np.uint64, 1, 64 + 32 * slot)[0])
+
+
+def test_dropped_loans_give_back_their_own_slots_and_leave_the_header_alone() -> None:
+    writer = ShmWriter(ShmConfig(slots=3))
+    reader = ShmReader()
+    try:
+        kept = writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8))  # slot 0
+        second = writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8))  # slot 1
+        third = writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8))  # slot 2
+        assert kept is not None and second is not None and third is not None
+        ring = writer._rings[b"camera.test"]
+        header = bytes(ring.buf[:64])
+        del second, third  # dropped unsent: each slot's generation is even again
+        assert [table_generation(writer, b"camera.test", slot) for slot in range(3)] == [1, 2, 2]
+        assert bytes(ring.buf[:64]) == header
+        assert list(ring.loans) == [id(kept)]
+        # A reader still maps the ring and takes the kept loan's frame without a copy.
+        kept[...] = expected_image(1)
+        frame = decode(writer.wrap(encode(Frame("camera.test", 1, 1, kept))), 0, reader)
+        assert in_shared_memory(frame.image) and reader.copied == 0
+        np.testing.assert_array_equal(frame.image, expected_image(1))
+        assert writer.loaned == 1
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_giving_back_a_key_that_is_not_on_loan_changes_nothing() -> None:
+    writer = ShmWriter(ShmConfig(slots=2))
+    reader = ShmReader()
+    try:
+        parts = writer.wrap(encode(Frame("camera.test", 0, 1, expected_image(0))))  # slot 0
+        ring = writer._rings[b"camera.test"]
+        assert ring.loans == {}
+        ring.give_back(12345, 0)  # no such loan: slot 0 keeps its frame
+        assert ring.generation == [2, 0] and list(ring.in_use) == [0]
+        assert table_generation(writer, b"camera.test", 0) == 2
+        frame = decode(parts, 0, reader)
+        assert in_shared_memory(frame.image)
+        np.testing.assert_array_equal(frame.image, expected_image(0))
+    finally:
+        reader.close()
+        writer.close()

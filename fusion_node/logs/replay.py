@@ -502,14 +502,18 @@ def compare_predictions(old: Prediction, new: Prediction, tolerance: float = 0.0
         if np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
             continue
         if a.dtype.kind == "f":
+            # Equal values (equal infinities too, whose difference is NaN) and NaN against
+            # NaN are the same; anything else must be within the tolerance.
             with np.errstate(invalid="ignore"):
-                unequal = ~((np.abs(a - b) <= tolerance) | (np.isnan(a) & np.isnan(b)))
+                unequal = ~((a == b) | (np.abs(a - b) <= tolerance)
+                            | (np.isnan(a) & np.isnan(b)))
         else:
             unequal = a != b
         if not unequal.any():
             continue
         where = tuple(int(i) for i in np.argwhere(unequal)[0])
-        delta = np.abs(a.astype(np.float64) - b.astype(np.float64))[unequal]
+        with np.errstate(invalid="ignore"):  # inf against -inf, or a NaN: the delta is NaN
+            delta = np.abs(a.astype(np.float64) - b.astype(np.float64))[unequal]
         return (f"array {name!r} differs at {list(where)}: log {a[where]!r}, now {b[where]!r} "
                 f"({int(unequal.sum())} of {a.size} elements differ, max by {delta.max():.3g})")
     return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -455,3 +456,71 @@ def test_compare_predictions_forgives_float_fields_up_to_the_tolerance_only():
     assert compare_predictions(old, new) == "field 'p_speech' differs: log 0.25, now 0.75 (by 0.5)"
     assert compare_predictions(old, new, tolerance=0.5) is None
     assert compare_predictions(old, new, tolerance=0.4) is not None
+
+
+def test_compare_predictions_names_a_mask_stream_only_one_side_has():
+    old = speech_prediction()
+    both = speech_prediction(mask={"audio.mic0": True, "camera.front": False})
+    assert (compare_predictions(old, both)
+            == "mask['camera.front'] differs: log None, now False")
+    assert (compare_predictions(both, old)
+            == "mask['camera.front'] differs: log False, now None")
+
+
+def test_compare_predictions_names_the_side_an_array_is_only_on():
+    old = speech_prediction()
+    new = speech_prediction(arrays={"logits": np.zeros(2)})
+    assert compare_predictions(old, new) == "array 'logits' is only in the replay"
+    assert compare_predictions(new, old) == "array 'logits' is only in the log"
+
+
+def test_compare_predictions_names_an_arrays_dtype_or_shape_change():
+    old = speech_prediction(arrays={"logits": np.array([0.5, 1.0])})
+    as_float32 = speech_prediction(arrays={"logits": np.array([0.5, 1.0], np.float32)})
+    assert (compare_predictions(old, as_float32)
+            == "array 'logits' is float64 [2] in the log, float32 [2] now")
+    longer = speech_prediction(arrays={"logits": np.array([0.5, 1.0, 1.5])})
+    assert (compare_predictions(old, longer)
+            == "array 'logits' is float64 [2] in the log, float64 [3] now")
+
+
+def test_compare_predictions_takes_equal_nans_and_infinities_as_equal():
+    values = [np.nan, np.inf, -np.inf, 1.0]
+    old = speech_prediction(arrays={"logits": np.array(values)})
+    assert compare_predictions(old, speech_prediction(arrays={"logits": np.array(values)})) is None
+
+
+def test_compare_predictions_names_a_nan_against_a_number():
+    old = speech_prediction(arrays={"logits": np.array([np.nan, 1.0])})
+    new = speech_prediction(arrays={"logits": np.array([0.5, 1.0])})
+    assert compare_predictions(old, new, tolerance=1.0) == (
+        "array 'logits' differs at [0]: log np.float64(nan), now np.float64(0.5) "
+        "(1 of 2 elements differ, max by nan)")
+
+
+def test_compare_predictions_names_where_an_int_array_differs_and_by_how_much():
+    old = speech_prediction(arrays={"boxes": np.array([[1, 2], [3, 4]])})
+    new = speech_prediction(arrays={"boxes": np.array([[1, 2], [3, 9]])})
+    assert compare_predictions(old, new) == (
+        "array 'boxes' differs at [1, 1]: log np.int64(4), now np.int64(9) "
+        "(1 of 4 elements differ, max by 5)")
+
+
+def test_compare_predictions_looks_past_arrays_that_are_equal_or_within_the_tolerance():
+    old = speech_prediction(arrays={"a": np.array([1, 2]), "b": np.array([1.0, 2.0]),
+                                    "c": np.array([1.0, 2.0])})
+    new = speech_prediction(arrays={"a": np.array([1, 2]), "b": np.array([1.0, 2.05]),
+                                    "c": np.array([1.0, 3.0])})
+    assert compare_predictions(old, new, tolerance=0.1) == (
+        "array 'c' differs at [1]: log np.float64(2.0), now np.float64(3.0) "
+        "(1 of 2 elements differ, max by 1)")
+
+
+def test_compare_predictions_takes_equal_infinities_as_equal_beside_a_real_difference():
+    old = speech_prediction(arrays={"x": np.array([np.inf, 1.0])})
+    new = speech_prediction(arrays={"x": np.array([np.inf, 2.0])})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # inf - inf is computed, not warned
+        assert compare_predictions(old, new) == (
+            "array 'x' differs at [1]: log np.float64(1.0), now np.float64(2.0) "
+            "(1 of 2 elements differ, max by 1)")

@@ -1097,3 +1097,149 @@ def test_giving_back_a_key_that_is_not_on_loan_changes_nothing() -> None:
     finally:
         reader.close()
         writer.close()
+
+
+# -- reclaiming a dead subscriber's holds once the lease has run out, closing a reader's row --
+
+def test_a_dead_subscribers_hold_is_freed_exactly_when_the_slots_lease_runs_out() -> None:
+    now = [5_000_000]  # below 10 ms: no waiting loan's look for dead rows is ever due
+    writer = ShmWriter(ShmConfig(slots=1, subscribers=1, lease_ms=1), clock_ns=lambda: now[0])
+    reader = ShmReader()
+    try:
+        die_holding(writer.wrap(encode(Frame("camera.test", 0, 1, expected_image(0)))))
+        now[0] += 999_999  # 1 ns short of the lease: the dead row's hold stands
+        inline = encode(Frame("camera.test", 1, 1, expected_image(1)))
+        assert writer.wrap(inline) is inline and writer.fallbacks == 1
+        now[0] += 1  # the lease has run out: the hold is freed, the slot rewritten
+        parts = writer.wrap(encode(Frame("camera.test", 2, 1, expected_image(2))))
+        assert len(parts) == 2 and writer.fallbacks == 1
+        # The freed row was unlocked again: the next subscriber claims it and holds a view.
+        frame = decode(parts, 0, reader)
+        assert in_shared_memory(frame.image) and reader.copied == 0
+        np.testing.assert_array_equal(frame.image, expected_image(2))
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_a_reclaimed_dead_row_no_longer_paces_a_waiting_loan() -> None:
+    writer = ShmWriter(ShmConfig(slots=1, subscribers=1, lease_ms=0),
+                       clock_ns=lambda: 5_000_000)  # no look for dead rows is ever due
+    try:
+        die_holding(writer.wrap(encode(Frame("camera.test", 0, 1, expected_image(0)))))
+        parts = writer.wrap(encode(Frame("camera.test", 1, 1, expected_image(1))))
+        assert len(parts) == 2  # the dead row's hold was reclaimed, and its progress with it
+        assert writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8), wait_ms=1) is not None
+    finally:
+        writer.close()
+
+
+def test_a_reclaimed_dead_row_holds_no_other_slot_afterwards() -> None:
+    """A dead subscriber's row is cleared to no holds at all: a lent slot (an odd generation
+    never sent) stays counted as lent, not as held."""
+    from fusion_node.shm import RingFull
+
+    writer = ShmWriter(ShmConfig(slots=2, subscribers=2, lease_ms=0),
+                       clock_ns=lambda: 5_000_000)
+    reader = ShmReader()
+    try:
+        first = writer.wrap(encode(Frame("camera.test", 0, 1, expected_image(0))))  # slot 0
+        del decode(first, 0, reader).image  # row 0: a live subscriber, holding nothing
+        die_holding(first)  # row 1: dead, holding slot 0
+        lent = writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8))  # the fresh slot 1
+        assert lent is not None
+        second = writer.wrap(encode(Frame("camera.test", 1, 1, expected_image(1))))
+        assert len(second) == 2 and writer.fallbacks == 0  # slot 0, freed from the dead row
+        kept = decode(second, 0, reader)  # row 0 holds slot 0 now
+        with pytest.raises(RingFull) as full:
+            writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8))
+        assert (full.value.held, full.value.lent) == (1, 1)
+        assert str(full.value) == full_message(1, 2, 1)
+        np.testing.assert_array_equal(kept.image, expected_image(1))
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_a_live_subscribers_hold_outlasts_the_lease_whichever_row_it_is_in() -> None:
+    writer = ShmWriter(ShmConfig(slots=1, subscribers=2, lease_ms=0),
+                       clock_ns=lambda: 5_000_000)
+    first, second = ShmReader(), ShmReader()
+    try:
+        parts = writer.wrap(encode(Frame("camera.test", 0, 1, expected_image(0))))
+        del decode(parts, 0, first).image  # row 0: took the frame and dropped it
+        kept = decode(parts, 0, second)  # row 1: holds it, long past the lease
+        inline = encode(Frame("camera.test", 1, 1, expected_image(1)))
+        assert writer.wrap(inline) is inline and writer.fallbacks == 1
+        assert second.last_lease is not None and second.last_lease.valid()
+        np.testing.assert_array_equal(kept.image, expected_image(0))
+    finally:
+        first.close()
+        second.close()
+        writer.close()
+
+
+@pytest.mark.parametrize("lease_ms", [0, 1000], ids=["lease run out", "within the lease"])
+def test_a_slot_found_held_by_a_live_subscriber_is_left_to_it_for_that_message(
+        lease_ms: int) -> None:
+    """The writer's last resort (freeing a dead subscriber's holds) finds the slot's holder
+    alive, or the lease still running: that message goes inline, even if the holder drops
+    its view just after the look (here: at the moment the look returns)."""
+    writer = ShmWriter(ShmConfig(slots=1, subscribers=1, lease_ms=lease_ms),
+                       clock_ns=lambda: 5_000_000)
+    reader = ShmReader()
+    try:
+        parts = writer.wrap(encode(Frame("camera.test", 0, 1, expected_image(0))))
+        views = [decode(parts, 0, reader).image]
+        assert in_shared_memory(views[0])
+
+        def drop_views_when_the_look_returns(frame, event, arg):  # type: ignore[no-untyped-def]
+            if event == "call" and "_reclaim_dead" in frame.f_code.co_name:
+                def on_return(frame, event, arg):  # type: ignore[no-untyped-def]
+                    if event == "return":
+                        views.clear()  # the last reference: the hold is released
+                    return on_return
+                return on_return
+            return None
+
+        inline = encode(Frame("camera.test", 1, 1, expected_image(1)))
+        previous = sys.gettrace()
+        sys.settrace(drop_views_when_the_look_returns)
+        try:
+            sent = writer.wrap(inline)
+        finally:
+            sys.settrace(previous)
+        assert views == []  # the look did happen
+        assert sent is inline and writer.fallbacks == 1
+        # The slot is free now: the next message takes it.
+        assert len(writer.wrap(encode(Frame("camera.test", 2, 1, expected_image(2))))) == 2
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_a_closed_readers_row_is_left_clear_and_unlocked_once_its_views_are_dropped() -> None:
+    import gc
+
+    writer = ShmWriter(ShmConfig(slots=1, subscribers=1),
+                       clock_ns=lambda: 5_000_000)  # no look for dead rows is ever due
+    reader, later = ShmReader(), ShmReader()
+    try:
+        parts = writer.wrap(encode(Frame("camera.test", 0, 1, expected_image(0))))
+        frame = decode(parts, 0, reader)
+        assert in_shared_memory(frame.image) and reader.last_lease is not None
+        reader.close()
+        assert reader.last_lease is None
+        del frame, reader  # the last view: the row is closed now
+        gc.collect()
+        # No progress is left behind to pace a waiting loan ...
+        image = writer.loan(b"camera.test", SHAPE, np.dtype(np.uint8), wait_ms=1)
+        assert image is not None
+        image[...] = expected_image(1)
+        # ... and the row's lock is gone: the next subscriber claims it and holds a view.
+        frame = decode(writer.wrap(encode(Frame("camera.test", 1, 1, image))), 0, later)
+        assert in_shared_memory(frame.image) and later.copied == 0
+        np.testing.assert_array_equal(frame.image, expected_image(1))
+    finally:
+        later.close()
+        writer.close()

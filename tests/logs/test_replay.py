@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 import warnings
 from collections.abc import Callable
@@ -15,20 +16,24 @@ import pytest
 from mcap.reader import make_reader
 from mcap.writer import Writer
 
+from fusion_node.alignment import AlignmentBuffer
 from fusion_node.cli import main
-from fusion_node.config import RecordConfig, load_config
+from fusion_node.clock import ReplayClock
+from fusion_node.config import DEFAULT_MAX_FUTURE_NS, RecordConfig, load_config
 from fusion_node.errors import ReplayError
 from fusion_node.logs.inspect import log_info
-from fusion_node.logs.mcap_format import LogReader, frame_parts, unframe
+from fusion_node.logs.mcap_format import RECORDING_METADATA, LogReader, frame_parts, unframe
 from fusion_node.logs.replay import (
+    compare_logs,
     compare_predictions,
     config_from_log,
     publish_log,
     replay_config,
     replay_through_node,
 )
-from fusion_node.node import Node
-from fusion_node.protocol import Prediction, decode, encode
+from fusion_node.node import Node, build_engine_runners
+from fusion_node.protocol import Message, Prediction, decode, encode
+from fusion_node.scheduling import EngineRunner
 
 SAMPLE = str(Path(__file__).parents[1] / "data" / "sample.mcap")
 
@@ -524,3 +529,134 @@ def test_compare_predictions_takes_equal_infinities_as_equal_beside_a_real_diffe
         assert compare_predictions(old, new) == (
             "array 'x' differs at [1]: log np.float64(1.0), now np.float64(2.0) "
             "(1 of 2 elements differ, max by 1)")
+
+
+# -- config_from_log and compare_logs, called directly ---------------------------------------
+
+def sample_config_data() -> dict:
+    """The launch config stored in the sample log, as the JSON object it is stored as."""
+    with LogReader(SAMPLE) as reader:
+        return json.loads(reader.metadata()[RECORDING_METADATA]["config"])
+
+
+def stored(data: dict) -> dict[str, dict[str, str]]:
+    return {RECORDING_METADATA: {"config": json.dumps(data)}}
+
+
+def test_config_from_log_returns_none_for_a_log_without_recording_metadata():
+    assert config_from_log("old.mcap", {}) is None
+    assert config_from_log("old.mcap", {"other": {"config": "{}"}}) is None
+
+
+def test_config_from_log_restores_the_stored_pub_periods_and_future_bound():
+    data = sample_config_data()
+    data.update(pub="tcp://127.0.0.1:6123", health_period_ns=2_000_000_000,
+                startup_timeout_ns=7_000_000_000, max_future_ns=123_000_000)
+    config = config_from_log("x.mcap", stored(data))
+    assert config is not None
+    assert config.pub == "tcp://127.0.0.1:6123"
+    assert config.run_dir is None
+    assert config.health_period_ns == 2_000_000_000
+    assert config.startup_timeout_ns == 7_000_000_000
+    assert config.max_future_ns == 123_000_000
+    assert config.max_future_ns != DEFAULT_MAX_FUTURE_NS
+
+
+def test_config_from_log_of_an_older_log_defaults_the_future_bound_and_streams():
+    data = sample_config_data()
+    del data["max_future_ns"], data["streams"]
+    config = config_from_log("x.mcap", stored(data))
+    assert config is not None
+    assert config.max_future_ns == DEFAULT_MAX_FUTURE_NS
+    assert config.streams == ()
+    assert [e.name for e in config.engines] == ["speech", "action"]
+
+
+class ListSink:
+    """A PredictionSink that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.scheduled: list[tuple[Message, int]] = []
+
+    def schedule(self, msg: Message, deadline_ns: int) -> None:
+        self.scheduled.append((msg, deadline_ns))
+
+
+@pytest.fixture(scope="module")
+def runners() -> list[EngineRunner]:
+    """The embedded default's engine runners, speech first, then action (never started)."""
+    config = load_config()
+    built = build_engine_runners(config, ReplayClock(),
+                                 AlignmentBuffer(config.capacities(), config.max_future_ns),
+                                 ListSink())
+    assert [r.topic for r in built] == ["pred.speech", "pred.action"]
+    return built
+
+
+def made_by(runner: EngineRunner, t_ref_ns: int, **changes: object) -> Prediction:
+    return speech_prediction(**{"stream": runner.topic, "t_ref_ns": t_ref_ns,
+                                "engine": runner.name, "model_hash": runner.engine.model_hash,
+                                **changes})
+
+
+def test_compare_logs_takes_no_tolerance_by_default(runners):
+    speech = runners[0]
+    recorded = {"pred.speech": {1_000: made_by(speech, 1_000)}}
+    replayed = {"pred.speech": {1_000: made_by(speech, 1_000, fields={
+        **speech_prediction().fields, "p_speech": 0.75})}}
+    assert compare_logs(recorded, replayed, {"pred.speech": {1_000}}, runners) == (
+        1, "pred.speech at t_ref 1000: field 'p_speech' differs: log 0.25, now 0.75 (by 0.5)")
+    assert compare_logs(recorded, replayed, {"pred.speech": {1_000}}, runners,
+                        tolerance=0.5) == (1, None)
+
+
+def test_compare_logs_goes_on_to_the_next_engine_past_one_the_log_lacks(runners):
+    action = runners[1]
+    recorded = {"pred.action": {1_000: made_by(action, 1_000)}}
+    replayed = {"pred.action": {1_000: made_by(action, 1_000, deadline_ns=42_000)}}
+    assert compare_logs(recorded, replayed, {"pred.action": {1_000}}, runners) == (
+        1, "pred.action at t_ref 1000: deadline_ns differs: log 41000, now 42000 (by 1e+03)")
+
+
+def test_compare_logs_names_every_model_hash_the_log_holds(runners):
+    speech = runners[0]
+    recorded = {"pred.speech": {1_000: made_by(speech, 1_000, model_hash="bbb"),
+                                2_000: made_by(speech, 2_000, model_hash="aaa")}}
+    assert compare_logs(recorded, {}, {"pred.speech": {1_000, 2_000}}, runners) == (
+        0, (f"pred.speech: model hash differs: the log's predictions were made by aaa, bbb, "
+           f"engine 'speech' now runs {speech.engine.model_hash} (a different model file)"))
+
+
+def test_compare_logs_names_a_recorded_prediction_the_replay_did_not_make(runners):
+    speech = runners[0]
+    recorded = {"pred.speech": {1_000: made_by(speech, 1_000), 2_000: made_by(speech, 2_000)}}
+    assert speech.stats.last_missing == ""
+    assert compare_logs(recorded, {}, {"pred.speech": {1_000, 2_000}}, runners) == (
+        0, ("pred.speech at t_ref 1000: the log has a prediction, the replay made none "
+           "(last missing input: none)"))
+
+
+def test_compare_logs_compares_nothing_for_an_engine_that_never_ticked(runners):
+    speech = runners[0]
+    recorded = {"pred.speech": {1_000: made_by(speech, 1_000)}}
+    assert compare_logs(recorded, {}, {}, runners) == (0, None)
+
+
+def test_compare_logs_names_a_replayed_prediction_the_log_does_not_have(runners):
+    speech = runners[0]
+    recorded = {"pred.speech": {1_000: made_by(speech, 1_000), 3_000: made_by(speech, 3_000)}}
+    replayed = {"pred.speech": {t: made_by(speech, t) for t in (1_000, 2_000, 3_000)}}
+    assert compare_logs(recorded, replayed, {"pred.speech": {1_000, 2_000, 3_000}},
+                        runners) == (
+        1, ("pred.speech at t_ref 2000: the replay made a prediction the log does not have "
+           "(the live node lacked a required input, or the recorder dropped it)"))
+
+
+def test_compare_logs_skips_a_tick_neither_side_predicted_and_compares_the_next(runners):
+    speech = runners[0]
+    recorded = {"pred.speech": {1_000: made_by(speech, 1_000), 3_000: made_by(speech, 3_000)}}
+    replayed = {"pred.speech": {1_000: made_by(speech, 1_000),
+                                3_000: made_by(speech, 3_000, engine="other")}}
+    assert compare_logs(recorded, replayed, {"pred.speech": {1_000, 2_000, 3_000}},
+                        runners) == (
+        2, "pred.speech at t_ref 3000: engine differs: log 'speech', now 'other'")

@@ -808,6 +808,18 @@ def test_a_slot_every_subscriber_took_and_dropped_is_reused_at_once() -> None:
 
 # -- the fence after fork, row locks, fallbacks, retired rings, lease checks ------------------
 
+def child_exit_code(pid: int, hung: str) -> int:
+    """The exit code of forked child `pid`; the test fails with `hung` after 20 s."""
+    deadline = time.monotonic() + 20
+    while (waited := os.waitpid(pid, os.WNOHANG)) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(hung)
+        time.sleep(0.001)
+    return os.waitstatus_to_exitcode(waited[1])
+
+
 def test_a_child_forked_while_the_fence_is_taken_still_reads_frames(
         shm_message: tuple[ShmWriter, list]) -> None:
     """The fence lock is renewed in a forked child: one inherited while held would hang the
@@ -824,14 +836,7 @@ def test_a_child_forked_while_the_fence_is_taken_still_reads_frames(
                 code = 0 if np.array_equal(frame.image, expected_image(7)) else 2
             finally:
                 os._exit(code)
-    deadline = time.monotonic() + 20
-    while (waited := os.waitpid(pid, os.WNOHANG)) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung on the fence it inherited")
-        time.sleep(0.01)
-    assert os.waitstatus_to_exitcode(waited[1]) == 0
+    assert child_exit_code(pid, "the forked child hung on the fence it inherited") == 0
 
 
 FALLBACK_WARNING = ("camera.test: every one of 2 shared-memory slots is held by a subscriber "
@@ -949,14 +954,7 @@ def die_holding(parts: list) -> None:
             code = 0 if in_shared_memory(frame.image) else 2
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 20
-    while (waited := os.waitpid(pid, os.WNOHANG)) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked subscriber hung")
-        time.sleep(0.001)
-    assert os.waitstatus_to_exitcode(waited[1]) == 0
+    assert child_exit_code(pid, "the forked subscriber hung") == 0
 
 
 def test_a_waiting_loan_clears_a_dead_subscribers_row_and_the_row_is_free_again() -> None:
